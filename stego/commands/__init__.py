@@ -1,0 +1,1 @@
+"""One module per ``stego`` subcommand; see :mod:`stego.cli`."""
