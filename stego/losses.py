@@ -1,0 +1,384 @@
+"""The STEGO correlation loss (reference section 4): pure tensor functions and a thin module.
+
+Shapes: ``B`` batch, ``C`` feature channels, ``D`` code channels, ``H x W`` the maps handed to
+:class:`StegoLoss`, ``S`` the number of samples per side (``n_samples``, 11 by default), so one
+correlation term is a ``(B, S, S, S, S)`` map: axes 1, 2 index the anchor, axes 3, 4 the other map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stego.errors import StegoError
+
+__all__ = [
+    "DERANGEMENT_MODES",
+    "CorrelationParts",
+    "StegoLoss",
+    "StegoLossOutput",
+    "TermStats",
+    "code_correlation",
+    "correlation",
+    "correlation_parts",
+    "correlation_term",
+    "derangement",
+    "feature_correlation",
+    "normalize",
+    "sample_at",
+    "sample_coords",
+]
+
+DerangementMode = Literal["true", "original"]
+DERANGEMENT_MODES: tuple[str, ...] = ("true", "original")
+TERMS: tuple[str, ...] = ("self", "knn", "random")
+
+
+# --------------------------------------------------------------------------- correlations
+def normalize(t: Tensor, eps: float = 1e-10) -> Tensor:
+    """L2-normalise ``t`` (B, C, h, w) over channels: ``t / max(||t||_2, eps)``, same shape."""
+    return F.normalize(t, p=2.0, dim=1, eps=eps)
+
+
+def correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Dense dot products of two maps: a (B, C, h, w), b (B, C, h', w') -> (B, h, w, h', w').
+
+    ``out[n, y, x, i, j] = sum_c a[n, c, y, x] * b[n, c, i, j]`` (no normalisation here).
+    """
+    return torch.einsum("nchw,ncij->nhwij", a, b)
+
+
+def feature_correlation(f1: Tensor, f2: Tensor, *, pointwise: bool = True) -> Tensor:
+    """Feature correlation ``fd`` (B, h, w, h', w') of f1 (B, C, h, w) and f2 (B, C, h', w').
+
+    Computed without gradient (the backbone is frozen). With ``pointwise`` ("spatial centering"),
+    every anchor location is centred over the other map's locations, then the global mean of the
+    uncentred correlation is restored: ``fd = F1 - mean_all(F1) + mean_all(F0)`` with
+    ``F1 = F0 - mean_{i,j} F0`` (the tiny ``mean_all(F1)`` is subtracted as in the original).
+    """
+    with torch.no_grad():
+        fd = correlation(normalize(f1), normalize(f2))  # (B, h, w, h', w')
+        if pointwise:
+            old_mean = fd.mean()
+            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+            fd = fd - fd.mean() + old_mean
+    return fd
+
+
+def code_correlation(c1: Tensor, c2: Tensor) -> Tensor:
+    """Cosine correlation ``cd`` (B, h, w, h', w') of codes c1 (B, D, h, w), c2 (B, D, h', w').
+
+    Unclamped and differentiable.
+    """
+    return correlation(normalize(c1), normalize(c2))
+
+
+class CorrelationParts(NamedTuple):
+    """One correlation term with its ingredients, all (B, h, w, h', w')."""
+
+    loss: Tensor  # -clamp(cd, lo, hi) * (fd - shift), unreduced
+    fd: Tensor  # (centred) feature correlation, no gradient
+    cd: Tensor  # unclamped code correlation, with gradient
+
+
+def correlation_parts(
+    f1: Tensor,
+    f2: Tensor,
+    c1: Tensor,
+    c2: Tensor,
+    shift: float,
+    *,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabilize: bool = False,
+) -> CorrelationParts:
+    """Loss map, feature correlation and code correlation of one STEGO term.
+
+    f1 (B, C, h, w), f2 (B, C, h', w'), c1 (B, D, h, w), c2 (B, D, h', w'); ``shift`` is the
+    term's b. ``zero_clamp`` clamps cd at 0 from below (else at -9999); ``stabilize`` also clamps
+    it at 0.8 from above. Returns :class:`CorrelationParts`, each (B, h, w, h', w').
+    """
+    fd = feature_correlation(f1, f2, pointwise=pointwise)
+    cd = code_correlation(c1, c2)
+    lo = 0.0 if zero_clamp else -9999.0
+    clamped = cd.clamp(lo, 0.8) if stabilize else cd.clamp(min=lo)
+    loss = -clamped * (fd - shift)
+    return CorrelationParts(loss=loss, fd=fd, cd=cd)
+
+
+def correlation_term(
+    f1: Tensor,
+    f2: Tensor,
+    c1: Tensor,
+    c2: Tensor,
+    shift: float,
+    *,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabilize: bool = False,
+) -> Tensor:
+    """Unreduced loss map (B, h, w, h', w') of one term: ``-clamp(cd, lo, hi) * (fd - shift)``.
+
+    See :func:`correlation_parts` for the arguments; this returns only its ``loss``.
+    """
+    return correlation_parts(
+        f1, f2, c1, c2, shift, pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize
+    ).loss
+
+
+# --------------------------------------------------------------------------- sampling
+def sample_coords(
+    batch: int,
+    n_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniform sampling coordinates in [-1, 1): (B, S, S, 2), ``[..., 0]`` = x, ``[..., 1]`` = y.
+
+    Drawn as ``torch.rand(...) * 2 - 1`` from ``generator`` (default: the global generator of
+    ``device``). A CPU ``torch.Generator().manual_seed(s)`` gives the same numbers as
+    ``torch.manual_seed(s)`` followed by ``torch.rand``, so the original's draws can be replayed.
+    The draw happens on the generator's device and is then moved to ``device``.
+    """
+    if batch < 1 or n_samples < 1:
+        raise StegoError(f"sample_coords needs batch >= 1 and n_samples >= 1, got {batch}, {n_samples}")
+    draw_device = generator.device if generator is not None else device
+    coords = torch.rand((batch, n_samples, n_samples, 2), generator=generator, device=draw_device)
+    coords = coords * 2 - 1
+    return coords if device is None else coords.to(device)
+
+
+def sample_at(t: Tensor, coords: Tensor) -> Tensor:
+    """Bilinearly sample t (B, C, H, W) at coords (B, S1, S2, 2) -> (B, C, S2, S1).
+
+    ``grid_sample`` with ``align_corners=True`` and border padding; as in the original, the two
+    sample axes of ``coords`` are swapped first, so ``out[b, c, i, j]`` is read at
+    ``coords[b, j, i]``.
+    """
+    if t.dim() != 4 or coords.dim() != 4 or coords.shape[-1] != 2:
+        raise StegoError(
+            f"sample_at expects t (B, C, H, W) and coords (B, S, S, 2), got {tuple(t.shape)} "
+            f"and {tuple(coords.shape)}"
+        )
+    grid = coords.permute(0, 2, 1, 3).to(dtype=t.dtype)
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def derangement(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    mode: DerangementMode = "true",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Indices (n,) int64 pairing each batch element i with another element ``out[i] != i``.
+
+    - ``"true"`` (default): a genuine derangement, uniform over all permutations without fixed
+      points (rejection sampling of ``randperm``; about e = 2.7 draws on average). Needs n >= 2.
+    - ``"original"``: the original STEGO rule: ``randperm(n)``, then every fixed point i is replaced
+      by ``(i + 1) mod n``. No element is paired with itself (for n >= 2), but the result is not
+      always a permutation (e.g. ``[1, 3, 3, 1]``), so some images are used twice as negatives and
+      others not at all. With the same generator state it replays the original's draws exactly.
+
+    Draws from ``generator`` (on its device) or the global generator; result moved to ``device``.
+    """
+    if mode not in DERANGEMENT_MODES:
+        raise StegoError(f"unknown derangement mode {mode!r}; valid modes: {', '.join(DERANGEMENT_MODES)}")
+    if n < 1 or (mode == "true" and n < 2):
+        raise StegoError(
+            f"a derangement of {n} element(s) is impossible: the random (negative) term needs a "
+            "batch of at least 2 images; use a batch size >= 2"
+        )
+    draw_device = generator.device if generator is not None else device
+    arange = torch.arange(n, device=draw_device)
+    if mode == "original":
+        perm = torch.randperm(n, generator=generator, device=draw_device)
+        fixed = perm == arange
+        perm = torch.where(fixed, (arange + 1) % n, perm)
+    else:
+        while True:
+            perm = torch.randperm(n, generator=generator, device=draw_device)
+            if not bool((perm == arange).any()):
+                break
+    return perm if device is None else perm.to(device)
+
+
+# --------------------------------------------------------------------------- module
+class TermStats(NamedTuple):
+    """Diagnostics of one term, all detached 0-d tensors except ``fd_quantiles`` (Q,).
+
+    Look at these to tune the shifts: a pair "attracts" (codes pulled together) when fd > shift.
+    """
+
+    fd_mean: Tensor  # mean of the (centred) feature correlation
+    fd_quantiles: Tensor  # (Q,) quantiles of fd at StegoLoss.quantiles (on a subsample if large)
+    cd_mean: Tensor  # mean of the unclamped code correlation
+    attract_fraction: Tensor  # fraction of pairs with fd > shift
+
+
+class StegoLossOutput(NamedTuple):
+    """Result of :class:`StegoLoss`: weighted total, the three term means, and diagnostics."""
+
+    total: Tensor  # () weights[0]*self + weights[1]*knn + weights[2]*random
+    self_term: Tensor  # () mean of the self (intra-image) loss map
+    knn_term: Tensor  # () mean of the kNN (positive image) loss map
+    random_term: Tensor  # () mean of the random (negative images) loss maps
+    stats: dict[str, TermStats]  # keys "self", "knn", "random"
+
+
+def _term_stats(parts: CorrelationParts, shift: float, levels: Tensor, max_elems: int) -> TermStats:
+    """Cheap detached statistics of one term (strided subsample for the quantiles)."""
+    fd = parts.fd.detach().reshape(-1)
+    step = max(1, math.ceil(fd.numel() / max_elems))
+    sub = fd[::step].float()
+    return TermStats(
+        fd_mean=fd.mean(),
+        fd_quantiles=torch.quantile(sub, levels.to(sub.device)),
+        cd_mean=parts.cd.detach().mean(),
+        attract_fraction=(fd > shift).float().mean(),
+    )
+
+
+def _triple(name: str, value: tuple[float, float, float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise StegoError(f"{name} must have three entries (self, knn, random), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+class StegoLoss(nn.Module):
+    """STEGO's three-term correlation loss on randomly sampled locations (reference section 4).
+
+    ``shifts`` and ``weights`` are ordered (self, knn, random) -- in the original's names
+    (pos_intra, pos_inter, neg_inter). Stateless: randomness comes from ``generator`` in
+    :meth:`forward`, or recorded draws can be passed in.
+    """
+
+    def __init__(
+        self,
+        *,
+        shifts: tuple[float, float, float],
+        weights: tuple[float, float, float],
+        n_samples: int = 11,
+        neg_samples: int = 5,
+        pointwise: bool = True,
+        zero_clamp: bool = True,
+        stabilize: bool = False,
+        derangement: DerangementMode = "true",
+        quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
+        max_stat_elements: int = 1 << 16,
+    ) -> None:
+        super().__init__()
+        self.shifts = _triple("shifts", shifts)
+        self.weights = _triple("weights", weights)
+        if n_samples < 1 or neg_samples < 1:
+            raise StegoError(f"n_samples and neg_samples must be >= 1, got {n_samples}, {neg_samples}")
+        if derangement not in DERANGEMENT_MODES:
+            raise StegoError(
+                f"unknown derangement mode {derangement!r}; valid modes: {', '.join(DERANGEMENT_MODES)}"
+            )
+        if not quantiles or any(not 0.0 <= q <= 1.0 for q in quantiles):
+            raise StegoError(f"quantiles must be a non-empty tuple of values in [0, 1], got {quantiles!r}")
+        self.n_samples = int(n_samples)
+        self.neg_samples = int(neg_samples)
+        self.pointwise = bool(pointwise)
+        self.zero_clamp = bool(zero_clamp)
+        self.stabilize = bool(stabilize)
+        self.derangement: DerangementMode = derangement
+        self.quantiles = tuple(float(q) for q in quantiles)
+        self.max_stat_elements = int(max_stat_elements)
+
+    def extra_repr(self) -> str:
+        return (
+            f"shifts={self.shifts}, weights={self.weights}, n_samples={self.n_samples}, "
+            f"neg_samples={self.neg_samples}, pointwise={self.pointwise}, "
+            f"zero_clamp={self.zero_clamp}, stabilize={self.stabilize}, derangement={self.derangement!r}"
+        )
+
+    def _parts(self, f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, shift: float) -> CorrelationParts:
+        return correlation_parts(
+            f1, f2, c1, c2, shift,
+            pointwise=self.pointwise, zero_clamp=self.zero_clamp, stabilize=self.stabilize,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        feat: Tensor,
+        feat_pos: Tensor,
+        code: Tensor,
+        code_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        coords1: Tensor | None = None,
+        coords2: Tensor | None = None,
+        perms: Tensor | None = None,
+    ) -> StegoLossOutput:
+        """Loss of a batch. feat, feat_pos (B, C, H, W): frozen features of the images and of their
+        nearest neighbours (they receive no gradient); code, code_pos (B, D, H, W): head outputs.
+
+        Random draws, in the original's order: coords1 (B, S, S, 2) for the anchor, coords2
+        (B, S, S, 2) for the neighbour and the negatives, then ``neg_samples`` derangements
+        ``perms`` (NEG, B). Any of them may be given to replay recorded draws. Negatives are the
+        anchor tensors ``feat[perm]``, ``code[perm]`` sampled at coords2, stacked on the batch axis.
+        """
+        if feat.dim() != 4 or code.dim() != 4:
+            raise StegoError(
+                f"StegoLoss expects feat (B, C, H, W) and code (B, D, H, W), got {tuple(feat.shape)} "
+                f"and {tuple(code.shape)}"
+            )
+        if feat_pos.shape != feat.shape or code_pos.shape != code.shape:
+            raise StegoError(
+                "feat_pos / code_pos must have the shapes of feat / code, got "
+                f"{tuple(feat_pos.shape)} vs {tuple(feat.shape)} and {tuple(code_pos.shape)} vs {tuple(code.shape)}"
+            )
+        batch, device, s = feat.shape[0], feat.device, self.n_samples
+        if code.shape[0] != batch:
+            raise StegoError(f"feat and code batch sizes differ: {batch} vs {code.shape[0]}")
+        if coords1 is None:
+            coords1 = sample_coords(batch, s, generator=generator, device=device)
+        if coords2 is None:
+            coords2 = sample_coords(batch, s, generator=generator, device=device)
+        if perms is None:
+            perms = torch.stack(
+                [
+                    derangement(batch, generator=generator, mode=self.derangement, device=device)
+                    for _ in range(self.neg_samples)
+                ]
+            )
+        coords1, coords2, perms = coords1.to(device), coords2.to(device), perms.to(device).long()
+        if perms.dim() != 2 or perms.shape[1] != batch:
+            raise StegoError(f"perms must have shape (neg_samples, {batch}), got {tuple(perms.shape)}")
+        n_neg = perms.shape[0]
+
+        with torch.no_grad():
+            f_anchor = sample_at(feat, coords1)  # (B, C, S, S)
+            f_pos = sample_at(feat_pos, coords2)  # (B, C, S, S)
+            flat = perms.reshape(-1)  # (NEG*B,)
+            f_neg = sample_at(feat[flat], coords2.repeat(n_neg, 1, 1, 1))  # (NEG*B, C, S, S)
+        c_anchor = sample_at(code, coords1)  # (B, D, S, S)
+        c_pos = sample_at(code_pos, coords2)  # (B, D, S, S)
+        c_neg = sample_at(code[flat], coords2.repeat(n_neg, 1, 1, 1))  # (NEG*B, D, S, S)
+
+        b_self, b_knn, b_rand = self.shifts
+        parts = {
+            "self": self._parts(f_anchor, f_anchor, c_anchor, c_anchor, b_self),
+            "knn": self._parts(f_anchor, f_pos, c_anchor, c_pos, b_knn),
+            "random": self._parts(
+                f_anchor.repeat(n_neg, 1, 1, 1), f_neg, c_anchor.repeat(n_neg, 1, 1, 1), c_neg, b_rand
+            ),
+        }
+        self_term, knn_term, random_term = (parts[k].loss.mean() for k in TERMS)
+        w_self, w_knn, w_rand = self.weights
+        total = w_knn * knn_term + w_self * self_term + w_rand * random_term
+
+        levels = torch.tensor(self.quantiles, dtype=torch.float32)
+        stats = {
+            key: _term_stats(parts[key], shift, levels, self.max_stat_elements)
+            for key, shift in zip(TERMS, self.shifts)
+        }
+        return StegoLossOutput(total, self_term, knn_term, random_term, stats)
