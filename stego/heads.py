@@ -1,8 +1,8 @@
-"""STEGO's segmentation head: frozen features (B, C, h, w) -> codes (B, D, h, w) (reference s. 3)."""
+"""STEGO's segmentation head: features (B, C, h, w) -> codes (B, D, h, w) (reference s. 3)."""
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,6 @@ from stego.errors import StegoError
 
 __all__ = ["HEAD_KINDS", "HeadOutput", "SegmentationHead", "channel_dropout", "original_key_map"]
 
-HeadKind = Literal["nonlinear", "linear", "none"]
 HEAD_KINDS: tuple[str, ...] = ("nonlinear", "linear", "none")
 
 
@@ -19,7 +18,7 @@ class HeadOutput(NamedTuple):
     """Output of :class:`SegmentationHead`."""
 
     code: Tensor  # (B, out_dim, h, w)
-    feat_for_loss: Tensor  # (B, C, h, w): the features handed to the loss (dropped copy in training)
+    feat_for_loss: Tensor  # (B, C, h, w): features for the loss (dropped copy in training)
 
 
 def channel_dropout(x: Tensor, p: float, *, generator: torch.Generator | None = None) -> Tensor:
@@ -47,11 +46,11 @@ def original_key_map(state_dict: dict[str, Tensor], prefix: str = "") -> dict[st
     for key, value in state_dict.items():
         if not key.startswith(prefix):
             continue
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.startswith("cluster1."):
-            out["linear." + rest[len("cluster1."):]] = value
+            out["linear." + rest[len("cluster1.") :]] = value
         elif rest.startswith("cluster2."):
-            out["nonlinear." + rest[len("cluster2."):]] = value
+            out["nonlinear." + rest[len("cluster2.") :]] = value
     return out
 
 
@@ -71,7 +70,9 @@ class SegmentationHead(nn.Module):
     :func:`original_key_map`).
     """
 
-    def __init__(self, in_dim: int, code_dim: int, kind: HeadKind = "nonlinear", dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_dim: int, code_dim: int, kind: str = "nonlinear", dropout: float = 0.1
+    ) -> None:
         super().__init__()
         if kind not in HEAD_KINDS:
             raise StegoError(f"unknown head kind {kind!r}; valid kinds: {', '.join(HEAD_KINDS)}")
@@ -80,7 +81,7 @@ class SegmentationHead(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise StegoError(f"dropout must be in [0, 1), got {dropout}")
         self.in_dim = int(in_dim)
-        self.kind: HeadKind = kind
+        self.kind = kind
         self.dropout = float(dropout)
         self.out_dim = self.in_dim if kind == "none" else int(code_dim)
         self.linear: nn.Conv2d | None = None
@@ -95,7 +96,10 @@ class SegmentationHead(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, in_dim={self.in_dim}, out_dim={self.out_dim}, dropout={self.dropout}"
+        return (
+            f"kind={self.kind!r}, in_dim={self.in_dim}, out_dim={self.out_dim}, "
+            f"dropout={self.dropout}"
+        )
 
     def _drop(self, feat: Tensor, generator: torch.Generator | None) -> Tensor:
         if not self.training or self.dropout == 0.0:
@@ -103,14 +107,15 @@ class SegmentationHead(nn.Module):
         return channel_dropout(feat, self.dropout, generator=generator)
 
     def forward(self, feat: Tensor, *, generator: torch.Generator | None = None) -> HeadOutput:
-        """feat (B, in_dim, h, w) -> HeadOutput(code (B, out_dim, h, w), feat_for_loss (B, in_dim, h, w)).
+        """feat (B, C, h, w) -> HeadOutput(code (B, out_dim, h, w), feat_for_loss (B, C, h, w)).
 
         ``generator`` (optional) drives the dropout masks, drawn in the order: linear branch,
         nonlinear branch, loss copy.
         """
         if feat.dim() != 4 or feat.shape[1] != self.in_dim:
             raise StegoError(
-                f"SegmentationHead expects features (B, {self.in_dim}, h, w), got {tuple(feat.shape)}"
+                f"SegmentationHead expects features (B, {self.in_dim}, h, w), "
+                f"got {tuple(feat.shape)}"
             )
         if self.linear is None:
             code = feat

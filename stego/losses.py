@@ -8,7 +8,7 @@ correlation term is a ``(B, S, S, S, S)`` map: axes 1, 2 index the anchor, axes 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,6 @@ __all__ = [
     "sample_coords",
 ]
 
-DerangementMode = Literal["true", "original"]
 DERANGEMENT_MODES: tuple[str, ...] = ("true", "original")
 TERMS: tuple[str, ...] = ("self", "knn", "random")
 
@@ -146,7 +145,9 @@ def sample_coords(
     The draw happens on the generator's device and is then moved to ``device``.
     """
     if batch < 1 or n_samples < 1:
-        raise StegoError(f"sample_coords needs batch >= 1 and n_samples >= 1, got {batch}, {n_samples}")
+        raise StegoError(
+            f"sample_coords needs batch >= 1 and n_samples >= 1, got {batch}, {n_samples}"
+        )
     draw_device = generator.device if generator is not None else device
     coords = torch.rand((batch, n_samples, n_samples, 2), generator=generator, device=draw_device)
     coords = coords * 2 - 1
@@ -173,7 +174,7 @@ def derangement(
     n: int,
     *,
     generator: torch.Generator | None = None,
-    mode: DerangementMode = "true",
+    mode: str = "true",
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Indices (n,) int64 pairing each batch element i with another element ``out[i] != i``.
@@ -188,7 +189,9 @@ def derangement(
     Draws from ``generator`` (on its device) or the global generator; result moved to ``device``.
     """
     if mode not in DERANGEMENT_MODES:
-        raise StegoError(f"unknown derangement mode {mode!r}; valid modes: {', '.join(DERANGEMENT_MODES)}")
+        raise StegoError(
+            f"unknown derangement mode {mode!r}; valid modes: {', '.join(DERANGEMENT_MODES)}"
+        )
     if n < 1 or (mode == "true" and n < 2):
         raise StegoError(
             f"a derangement of {n} element(s) is impossible: the random (negative) term needs a "
@@ -269,7 +272,7 @@ class StegoLoss(nn.Module):
         pointwise: bool = True,
         zero_clamp: bool = True,
         stabilize: bool = False,
-        derangement: DerangementMode = "true",
+        derangement: str = "true",
         quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
         max_stat_elements: int = 1 << 16,
     ) -> None:
@@ -277,19 +280,24 @@ class StegoLoss(nn.Module):
         self.shifts = _triple("shifts", shifts)
         self.weights = _triple("weights", weights)
         if n_samples < 1 or neg_samples < 1:
-            raise StegoError(f"n_samples and neg_samples must be >= 1, got {n_samples}, {neg_samples}")
+            raise StegoError(
+                f"n_samples and neg_samples must be >= 1, got {n_samples}, {neg_samples}"
+            )
         if derangement not in DERANGEMENT_MODES:
             raise StegoError(
-                f"unknown derangement mode {derangement!r}; valid modes: {', '.join(DERANGEMENT_MODES)}"
+                f"unknown derangement mode {derangement!r}; "
+                f"valid modes: {', '.join(DERANGEMENT_MODES)}"
             )
         if not quantiles or any(not 0.0 <= q <= 1.0 for q in quantiles):
-            raise StegoError(f"quantiles must be a non-empty tuple of values in [0, 1], got {quantiles!r}")
+            raise StegoError(
+                f"quantiles must be a non-empty tuple of values in [0, 1], got {quantiles!r}"
+            )
         self.n_samples = int(n_samples)
         self.neg_samples = int(neg_samples)
         self.pointwise = bool(pointwise)
         self.zero_clamp = bool(zero_clamp)
         self.stabilize = bool(stabilize)
-        self.derangement: DerangementMode = derangement
+        self.derangement = derangement
         self.quantiles = tuple(float(q) for q in quantiles)
         self.max_stat_elements = int(max_stat_elements)
 
@@ -297,14 +305,13 @@ class StegoLoss(nn.Module):
         return (
             f"shifts={self.shifts}, weights={self.weights}, n_samples={self.n_samples}, "
             f"neg_samples={self.neg_samples}, pointwise={self.pointwise}, "
-            f"zero_clamp={self.zero_clamp}, stabilize={self.stabilize}, derangement={self.derangement!r}"
+            f"zero_clamp={self.zero_clamp}, stabilize={self.stabilize}, "
+            f"derangement={self.derangement!r}"
         )
 
-    def _parts(self, f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, shift: float) -> CorrelationParts:
-        return correlation_parts(
-            f1, f2, c1, c2, shift,
-            pointwise=self.pointwise, zero_clamp=self.zero_clamp, stabilize=self.stabilize,
-        )  # fmt: skip
+    def _parts(self, f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, b: float) -> CorrelationParts:
+        flags = dict(pointwise=self.pointwise, zero_clamp=self.zero_clamp, stabilize=self.stabilize)
+        return correlation_parts(f1, f2, c1, c2, b, **flags)
 
     def forward(
         self,
@@ -328,13 +335,14 @@ class StegoLoss(nn.Module):
         """
         if feat.dim() != 4 or code.dim() != 4:
             raise StegoError(
-                f"StegoLoss expects feat (B, C, H, W) and code (B, D, H, W), got {tuple(feat.shape)} "
-                f"and {tuple(code.shape)}"
+                "StegoLoss expects feat (B, C, H, W) and code (B, D, H, W), "
+                f"got {tuple(feat.shape)} and {tuple(code.shape)}"
             )
         if feat_pos.shape != feat.shape or code_pos.shape != code.shape:
             raise StegoError(
                 "feat_pos / code_pos must have the shapes of feat / code, got "
-                f"{tuple(feat_pos.shape)} vs {tuple(feat.shape)} and {tuple(code_pos.shape)} vs {tuple(code.shape)}"
+                f"{tuple(feat_pos.shape)} vs {tuple(feat.shape)} and "
+                f"{tuple(code_pos.shape)} vs {tuple(code.shape)}"
             )
         batch, device, s = feat.shape[0], feat.device, self.n_samples
         if code.shape[0] != batch:
@@ -352,26 +360,30 @@ class StegoLoss(nn.Module):
             )
         coords1, coords2, perms = coords1.to(device), coords2.to(device), perms.to(device).long()
         if perms.dim() != 2 or perms.shape[1] != batch:
-            raise StegoError(f"perms must have shape (neg_samples, {batch}), got {tuple(perms.shape)}")
-        n_neg = perms.shape[0]
+            raise StegoError(
+                f"perms must have shape (neg_samples, {batch}), got {tuple(perms.shape)}"
+            )
 
         with torch.no_grad():
             f_anchor = sample_at(feat, coords1)  # (B, C, S, S)
             f_pos = sample_at(feat_pos, coords2)  # (B, C, S, S)
-            flat = perms.reshape(-1)  # (NEG*B,)
-            f_neg = sample_at(feat[flat], coords2.repeat(n_neg, 1, 1, 1))  # (NEG*B, C, S, S)
         c_anchor = sample_at(code, coords1)  # (B, D, S, S)
         c_pos = sample_at(code_pos, coords2)  # (B, D, S, S)
-        c_neg = sample_at(code[flat], coords2.repeat(n_neg, 1, 1, 1))  # (NEG*B, D, S, S)
 
         b_self, b_knn, b_rand = self.shifts
         parts = {
             "self": self._parts(f_anchor, f_anchor, c_anchor, c_anchor, b_self),
             "knn": self._parts(f_anchor, f_pos, c_anchor, c_pos, b_knn),
-            "random": self._parts(
-                f_anchor.repeat(n_neg, 1, 1, 1), f_neg, c_anchor.repeat(n_neg, 1, 1, 1), c_neg, b_rand
-            ),
         }
+        # One term per draw (the global mean restored by the centring is per draw), then
+        # concatenated on the batch axis: (NEG*B, S, S, S, S).
+        negs = []
+        for perm in perms:
+            with torch.no_grad():
+                f_neg = sample_at(feat[perm], coords2)  # (B, C, S, S)
+            c_neg = sample_at(code[perm], coords2)  # (B, D, S, S)
+            negs.append(self._parts(f_anchor, f_neg, c_anchor, c_neg, b_rand))
+        parts["random"] = CorrelationParts(*(torch.cat(group) for group in zip(*negs, strict=True)))
         self_term, knn_term, random_term = (parts[k].loss.mean() for k in TERMS)
         w_self, w_knn, w_rand = self.weights
         total = w_knn * knn_term + w_self * self_term + w_rand * random_term
@@ -379,6 +391,6 @@ class StegoLoss(nn.Module):
         levels = torch.tensor(self.quantiles, dtype=torch.float32)
         stats = {
             key: _term_stats(parts[key], shift, levels, self.max_stat_elements)
-            for key, shift in zip(TERMS, self.shifts)
+            for key, shift in zip(TERMS, self.shifts, strict=True)
         }
         return StegoLossOutput(total, self_term, knn_term, random_term, stats)

@@ -133,12 +133,7 @@ def confusion_matrix(
     preds: np.ndarray, targets: ArrayLike, n_classes: int, n_clusters: int, *, rule: Rule = ...
 ) -> np.ndarray: ...
 def confusion_matrix(
-    preds: ArrayLike,
-    targets: ArrayLike,
-    n_classes: int,
-    n_clusters: int,
-    *,
-    rule: Rule = "strict",
+    preds: ArrayLike, targets: ArrayLike, n_classes: int, n_clusters: int, *, rule: Rule = "strict"
 ) -> ArrayLike:
     """Count (predicted cluster, true class) pairs.
 
@@ -307,9 +302,8 @@ def unsupervised_scores(
     """
     if extra_clusters < 0:
         raise StegoError(f"extra_clusters must be >= 0, got {extra_clusters}")
-    conf = confusion_matrix(
-        _as_int_tensor(preds, "preds"), targets, n_classes, n_classes + extra_clusters, rule=rule
-    )
+    n_clusters = n_classes + extra_clusters
+    conf = _confusion_torch(preds, targets, n_classes, n_clusters, rule).cpu().numpy()
     return scores_from_confusion(conf, rule=rule)
 
 
@@ -322,7 +316,7 @@ def supervised_scores(
         preds: integer class ids in [0, n_classes), any shape.
         targets: integer class ids, same shape; outside [0, n_classes) = ignored.
     """
-    conf = confusion_matrix(_as_int_tensor(preds, "preds"), targets, n_classes, n_classes, rule=rule)
+    conf = _confusion_torch(preds, targets, n_classes, n_classes, rule).cpu().numpy()
     return scores_from_confusion(conf, rule=rule, assignment=_identity(n_classes, n_classes))
 
 
@@ -420,7 +414,6 @@ class UnsupervisedMetrics(Metric):
 
     def scores(self) -> Scores:
         """The full :class:`Scores` of everything accumulated (synchronised across processes)."""
-        self.compute()
-        if self._scores is None:  # pragma: no cover - compute always sets it
-            raise StegoError("UnsupervisedMetrics.scores() failed to compute; call update() first")
+        self.compute()  # sets self._scores (torchmetrics caches it until the next update)
+        assert self._scores is not None
         return self._scores

@@ -28,11 +28,15 @@ __all__ = [
 
 
 def cosine_scores(code: Tensor, clusters: Tensor) -> Tensor:
-    """Cosine similarity of code (B, D, h, w) with every centroid of clusters (K, D) -> (B, K, h, w).
+    """Cosine of code (B, D, h, w) with every centroid of clusters (K, D) -> (B, K, h, w).
 
     Both sides are normalised as ``t / max(||t||, 1e-12)``.
     """
-    return torch.einsum("bdhw,kd->bkhw", F.normalize(code, dim=1, eps=1e-12), F.normalize(clusters, dim=1, eps=1e-12))
+    return torch.einsum(
+        "bdhw,kd->bkhw",
+        F.normalize(code, dim=1, eps=1e-12),
+        F.normalize(clusters, dim=1, eps=1e-12),
+    )
 
 
 def _as_rows(codes: Tensor) -> Tensor:
@@ -45,7 +49,11 @@ def _as_rows(codes: Tensor) -> Tensor:
 
 
 def kmeanspp_init(
-    codes: Tensor, n_clusters: int, *, generator: torch.Generator | None = None, max_samples: int = 50_000
+    codes: Tensor,
+    n_clusters: int,
+    *,
+    generator: torch.Generator | None = None,
+    max_samples: int = 50_000,
 ) -> Tensor:
     """k-means++ seeding with cosine distance ``1 - cos``: codes (N, D) or (B, D, h, w) -> (K, D).
 
@@ -141,10 +149,14 @@ class ClusterProbeOutput(NamedTuple):
 class ClusterProbe(nn.Module):
     """K learnable centroids ``clusters`` (K, D); cosine scores; online spherical k-means loss."""
 
-    def __init__(self, code_dim: int, n_clusters: int, *, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, code_dim: int, n_clusters: int, *, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         if code_dim < 1 or n_clusters < 1:
-            raise StegoError(f"code_dim and n_clusters must be positive, got {code_dim} and {n_clusters}")
+            raise StegoError(
+                f"code_dim and n_clusters must be positive, got {code_dim} and {n_clusters}"
+            )
         self.code_dim = int(code_dim)
         self.n_clusters = int(n_clusters)
         self.clusters = nn.Parameter(torch.randn(n_clusters, code_dim, generator=generator))
@@ -154,7 +166,9 @@ class ClusterProbe(nn.Module):
 
     def _check(self, code: Tensor) -> None:
         if code.dim() != 4 or code.shape[1] != self.code_dim:
-            raise StegoError(f"ClusterProbe expects codes (B, {self.code_dim}, h, w), got {tuple(code.shape)}")
+            raise StegoError(
+                f"ClusterProbe expects codes (B, {self.code_dim}, h, w), got {tuple(code.shape)}"
+            )
 
     def scores(self, code: Tensor) -> Tensor:
         """Cosine similarity of code (B, D, h, w) with every centroid -> (B, K, h, w)."""
@@ -170,7 +184,11 @@ class ClusterProbe(nn.Module):
         """
         scores = self.scores(code)  # (B, K, h, w)
         if alpha is None:
-            probs = F.one_hot(scores.argmax(dim=1), self.n_clusters).permute(0, 3, 1, 2).to(scores.dtype)
+            probs = (
+                F.one_hot(scores.argmax(dim=1), self.n_clusters)
+                .permute(0, 3, 1, 2)
+                .to(scores.dtype)
+            )
         else:
             probs = F.softmax(scores * alpha, dim=1)
         loss = -(probs * scores).sum(dim=1).mean()
@@ -200,7 +218,9 @@ class ClusterProbe(nn.Module):
         generator: torch.Generator | None = None,
     ) -> KMeansResult:
         """Overwrite the centroids with the best of ``n_restarts`` spherical k-means runs."""
-        result = spherical_kmeans(codes, self.n_clusters, n_restarts=n_restarts, n_iters=n_iters, generator=generator)
+        result = spherical_kmeans(
+            codes, self.n_clusters, n_restarts=n_restarts, n_iters=n_iters, generator=generator
+        )
         self.clusters.copy_(result.centroids.to(self.clusters))
         return result
 
@@ -211,7 +231,9 @@ class LinearProbe(nn.Module):
     def __init__(self, code_dim: int, n_classes: int) -> None:
         super().__init__()
         if code_dim < 1 or n_classes < 1:
-            raise StegoError(f"code_dim and n_classes must be positive, got {code_dim} and {n_classes}")
+            raise StegoError(
+                f"code_dim and n_classes must be positive, got {code_dim} and {n_classes}"
+            )
         self.code_dim = int(code_dim)
         self.n_classes = int(n_classes)
         self.conv = nn.Conv2d(code_dim, n_classes, kernel_size=1)
@@ -219,7 +241,9 @@ class LinearProbe(nn.Module):
     def forward(self, code: Tensor) -> Tensor:
         """code (B, D, h, w) -> logits (B, n_classes, h, w)."""
         if code.dim() != 4 or code.shape[1] != self.code_dim:
-            raise StegoError(f"LinearProbe expects codes (B, {self.code_dim}, h, w), got {tuple(code.shape)}")
+            raise StegoError(
+                f"LinearProbe expects codes (B, {self.code_dim}, h, w), got {tuple(code.shape)}"
+            )
         return self.conv(code)
 
     def loss(self, code: Tensor, labels: Tensor) -> Tensor:
@@ -229,8 +253,12 @@ class LinearProbe(nn.Module):
         (e.g. -1 = ignore) do not count. Mean over valid pixels; 0 (with graph) if there are none.
         """
         if labels.dim() != 3 or labels.shape[0] != code.shape[0]:
-            raise StegoError(f"labels must be (B, H, W) with B = {code.shape[0]}, got {tuple(labels.shape)}")
-        logits = F.interpolate(self(code), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            raise StegoError(
+                f"labels must be (B, H, W) with B = {code.shape[0]}, got {tuple(labels.shape)}"
+            )
+        logits = F.interpolate(
+            self(code), size=labels.shape[-2:], mode="bilinear", align_corners=False
+        )
         labels = labels.long()
         valid = (labels >= 0) & (labels < self.n_classes)
         if not bool(valid.any()):
