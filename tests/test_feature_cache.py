@@ -1,0 +1,235 @@
+"""Tests of stego.feature_cache: build, reopen, resume, disk-space refusal, cached positives."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import threading
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+import stego.atomic
+from stego.errors import StegoError
+from stego.feature_cache import CachedFeatureDataset, FeatureCache
+from stego.fingerprint import backbone_fingerprint, item_paths
+from stego.neighbors import NeighborTable, global_features, positive_index, topk_cosine
+
+BackboneOutput = namedtuple("BackboneOutput", "feat keys global_feat")
+
+
+class StubBackbone(nn.Module):
+    """Backbone contract stand-in: fixed random 1x1 projection of a 4x-downsampled image.
+
+    ``fail_on_call``: raise on that forward call (the cache makes one probe call first).
+    """
+
+    name, weights_digest, patch_size, embed_dim, layer = "stub", "stub0001", 4, 8, 1
+
+    def __init__(self, seed: int = 0, fail_on_call: int | None = None) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("proj", torch.randn(8, 3, generator=g))
+        self.fail_on_call, self.calls = fail_on_call, 0
+
+    def forward(self, images: torch.Tensor, *, with_keys: bool = False) -> BackboneOutput:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("simulated crash")
+        x = F.avg_pool2d(images, 4)  # (B, 3, h, w)
+        feat = torch.einsum("oc,bchw->bohw", self.proj, x - 0.5)  # (B, 8, h, w)
+        return BackboneOutput(
+            feat, feat * 2 if with_keys else None, F.normalize(feat.mean((2, 3)), dim=1)
+        )
+
+
+class TinyDataset(Dataset):
+    def __init__(self, n: int = 30, size: int = 16, odd: int | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+        if odd is not None:
+            self.images[odd] = torch.rand(3, size + 4, size, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "index": i, "path": f"/data/imgs/{i:04d}.png"}
+
+
+WHERE = {
+    "dataset_name": "tiny",
+    "split": "train",
+    "crop_type": "none",
+    "resolution": 16,
+    "data_root": "/data",
+}
+
+
+def build(root, backbone=None, dataset=None, **kw):
+    opts = {"batch_size": 5, "shard_size": 8, "progress": False, **WHERE, **kw}
+    return FeatureCache.build(backbone or StubBackbone(), dataset or TinyDataset(), root, **opts)
+
+
+def direct_feats(ds: Dataset) -> torch.Tensor:
+    with torch.no_grad():
+        return StubBackbone()(torch.stack([ds[i]["image"] for i in range(len(ds))])).feat
+
+
+def test_build_and_reopen(tmp_path):
+    ds = TinyDataset()
+    built = build(tmp_path / "c", dataset=ds)
+    cache = FeatureCache.open(tmp_path / "c", expected_fingerprint=built.fingerprint)
+    assert len(cache) == 30 and cache.feat_shape == (8, 4, 4)
+    ref = direct_feats(ds)
+    got = torch.stack([cache[i] for i in range(30)])
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=2e-3, rtol=1e-3)
+    assert torch.allclose(
+        cache.global_features(),
+        global_features(StubBackbone(), ds, batch_size=7, progress=False),
+        atol=1e-6,
+    )
+    shards = sorted(p.name for p in (tmp_path / "c").glob("feats-*.npy"))
+    assert shards == [f"feats-{i:05d}.npy" for i in range(4)]  # 8 + 8 + 8 + 6 items
+    assert np.load(tmp_path / "c" / "feats-00003.npy", mmap_mode="r").dtype == np.float16
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["fingerprint"]["num_items"] == 30
+    assert torch.equal(cache[-1], cache[29])
+    with pytest.raises(IndexError):
+        cache[30]
+
+
+def test_cache_pickles_without_data(tmp_path):
+    cache = build(tmp_path / "c")
+    _ = cache[3]
+    blob = pickle.dumps(cache)
+    assert len(blob) < 10_000  # memmaps are reopened in the worker, not copied
+    assert torch.equal(pickle.loads(blob)[3], cache[3])
+
+
+def test_with_keys(tmp_path):
+    cache = build(tmp_path / "c", with_keys=True)
+    assert torch.allclose(cache.keys(2), 2 * cache[2], atol=4e-3)
+    with pytest.raises(StegoError, match="no keys"):
+        build(tmp_path / "d").keys(0)
+
+
+def test_interrupted_build_resumes_to_the_same_result(tmp_path):
+    ref = build(tmp_path / "ref")
+    # call 1 is the shape probe, calls 2.. are batches of 5: batch 3 (items 10-14) fails,
+    # after shard 0 (items 0-7) was completed and shard 1 was half written.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build(tmp_path / "c", backbone=StubBackbone(fail_on_call=4))
+    root = tmp_path / "c"
+    assert (root / "feats-00000.npy").is_file() and not (root / "feats-00001.npy").exists()
+    assert not list(root.glob(".*.tmp-*"))
+    with pytest.raises(StegoError, match="unfinished"):
+        FeatureCache.open(root)
+    resumed_backbone = StubBackbone()
+    resumed = build(root, backbone=resumed_backbone)
+    assert resumed_backbone.calls == 1 + 5  # probe + 22 remaining items in batches of 5
+    for name in sorted(p.name for p in (tmp_path / "ref").glob("*.npy")):
+        assert np.array_equal(np.load(root / name), np.load(tmp_path / "ref" / name)), name
+    assert resumed.fingerprint == ref.fingerprint
+    again = StubBackbone()
+    build(root, backbone=again)
+    assert again.calls == 1  # everything done: only the probe
+
+
+def test_free_space_refusal(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(stego.atomic.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(StegoError, match="not enough disk space"):
+        build(tmp_path / "c")
+    assert not list((tmp_path / "c").glob("feats-*"))
+
+
+def test_stale_cache_names_the_difference(tmp_path):
+    root = tmp_path / "c"
+    cache = build(root)
+    expected = {**cache.fingerprint, "weights_digest": "other123"}
+    with pytest.raises(StegoError) as err:
+        FeatureCache.open(root, expected_fingerprint=expected)
+    assert "weights_digest: expected 'other123', found 'stub0001'" in str(err.value)
+    assert "stego features --dataset tiny --data-root /data" in str(err.value)
+    other = StubBackbone(seed=1)
+    other.weights_digest = "seed1"
+    with pytest.raises(StegoError, match="weights_digest.*Delete"):
+        build(root, backbone=other)
+    with pytest.raises(StegoError, match="shard_size"):
+        build(root, shard_size=16)
+    with pytest.raises(StegoError, match="no feature cache"):
+        FeatureCache.open(tmp_path / "missing")
+
+
+def test_mixed_image_sizes_are_refused(tmp_path):
+    with pytest.raises(StegoError, match="one image size"):
+        build(tmp_path / "c", dataset=TinyDataset(odd=17))
+
+
+def test_concurrent_builds_do_not_corrupt(tmp_path):
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            build(tmp_path / "c")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ref = build(tmp_path / "ref")
+    cache = FeatureCache.open(tmp_path / "c", ref.fingerprint)
+    assert all(torch.equal(cache[i], ref[i]) for i in range(30))
+
+
+def test_cached_positives_follow_the_live_rule(tmp_path):
+    ds = TinyDataset()
+    cache = build(tmp_path / "c", dataset=ds)
+    table = NeighborTable(topk_cosine(cache.global_features(), 6), cache.fingerprint)
+    data = CachedFeatureDataset(cache, table, num_neighbors=4, seed=7)
+    live = StubBackbone()
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        for i in range(len(ds)):
+            item = data[i]
+            pos = positive_index(table.indices[i], 4, seed=7, epoch=epoch, index=i)
+            assert item["index"] == i and item["index_pos"] == pos
+            assert pos in table.indices[i, 1:5].tolist()
+            with torch.no_grad():
+                live_pos = live(ds[pos]["image"][None]).feat[0]  # the live-backbone path
+            assert torch.allclose(item["feat_pos"], live_pos, atol=2e-3, rtol=1e-3)
+            assert torch.equal(item["feat"], cache[i])
+    data.set_epoch(0)
+    first = [data[i]["index_pos"] for i in range(30)]
+    data.set_epoch(1)
+    assert first != [data[i]["index_pos"] for i in range(30)]
+    with pytest.raises(StegoError, match="num_neighbors"):
+        CachedFeatureDataset(cache, table, num_neighbors=6)
+    with pytest.raises(StegoError, match="feature cache"):
+        CachedFeatureDataset(cache, table.indices[:10], num_neighbors=2)
+
+
+def test_fingerprint_matches_the_neighbour_table(tmp_path):
+    ds = TinyDataset()
+    cache = build(tmp_path / "c", dataset=ds)
+    fp = backbone_fingerprint(
+        StubBackbone(),
+        dataset="tiny",
+        split="train",
+        crop_type="none",
+        resolution=16,
+        paths=item_paths(ds),
+        data_root="/data",
+    )
+    assert cache.fingerprint == fp
