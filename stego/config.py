@@ -52,6 +52,11 @@ class DataConfig:
     # The original resized images with nearest neighbour; bilinear is the better default and
     # labels always use nearest whatever this says.
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    # Where feature caches and neighbour tables go. None = <data_root>/stego-cache (shared by
+    # `stego features`, `stego knn` and `stego train`); set it when the data root is read-only.
+    cache_dir: str | None = None
+    crop_dir: str | None = None  # where five-crops live; None = <data_root>/cropped (`stego crop`)
+    skip_bad: bool = False  # folder dataset: skip unreadable images (listed in a warning)
     num_workers: int = 4  # data loading processes per device; 0 = in the main process
     batch_size: int = 16  # GLOBAL batch (split over devices x nodes), so results don't
     # depend on the number of GPUs; 16 is the paper's ViT-S/8 setting

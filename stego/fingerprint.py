@@ -216,16 +216,21 @@ def check_fingerprint(
         )
 
 
-def artifact_dir(data_root: str | os.PathLike[str], fp: Mapping[str, Any]) -> Path:
+def artifact_dir(
+    data_root: str | os.PathLike[str],
+    fp: Mapping[str, Any],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
     """Default folder of the artefacts (neighbour tables, feature cache) of a fingerprint.
 
-    ``<data_root>/stego-cache/<dataset>/<split>_<crop>_<res>/<backbone>_layer<L>_<digest8>/``
+    ``<cache_dir>/<dataset>/<split>_<crop>_<res>/<backbone>_layer<L>_<digest8>/`` with
+    ``cache_dir`` defaulting to ``<data_root>/stego-cache``.
     """
     layer = "last" if fp.get("layer") is None else str(fp["layer"])
     digest = str(fp.get("weights_digest", "unknown"))[:8]
+    base = Path(cache_dir) if cache_dir is not None else Path(data_root) / "stego-cache"
     return (
-        Path(data_root)
-        / "stego-cache"
+        base
         / str(fp["dataset"])
         / f"{fp['split']}_{fp['crop_type']}_{fp['resolution']}"
         / f"{fp['backbone']}_layer{layer}_{digest}"

@@ -324,12 +324,13 @@ def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoData
         raise StegoError("data.data_root is not set; pass --data-root DIR")
     info = dataset_info(d.dataset)
     where = dict(name=info.name, crop_type=d.crop_type, resolution=d.resolution,
-                 data_root=d.data_root)
+                 data_root=d.data_root, cache_dir=d.cache_dir)
     run = dict(device=_device(t.accelerator), batch_size=d.batch_size, num_workers=d.num_workers,
                progress=progress)
     backbone.check_size(d.resolution, d.resolution)
     train_ds = open_split(info.name, d.data_root, d.split, resolution=d.resolution,
-                          interpolation=d.interpolation, crop_type=d.crop_type)
+                          interpolation=d.interpolation, crop_type=d.crop_type,
+                          crop_dir=d.crop_dir, skip_bad=d.skip_bad)
     cache = feature_cache(backbone, train_ds, t.use_feature_cache, split=d.split, **where, **run)
     nbrs = neighbor_table(backbone, train_ds, t.knn_k, split=d.split, cache=cache, **where, **run)
     has_labels = bool(getattr(train_ds, "has_labels", False))

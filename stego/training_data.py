@@ -181,13 +181,15 @@ def split_holdout(n: int, n_holdout: int, seed: int) -> tuple[list[int], list[in
 
 # --------------------------------------------------------------------------- assembly
 def open_split(name: str, root: str | Path, split: str, *, resolution: int, interpolation: str,
-               crop_type: str) -> Dataset:
+               crop_type: str, crop_dir: str | Path | None = None,
+               skip_bad: bool = False) -> Dataset:
     """A split at the training transform: shorter side to ``resolution``, centre crop."""
     from stego.data import PairTransform, build_dataset
 
     transform = PairTransform(resolution, crop="center", interpolation=interpolation)  # type: ignore[arg-type]
-    return build_dataset(name, root, split, transform=transform,
-                         crop_type=None if crop_type == "none" else crop_type)
+    extra: dict[str, Any] = {"skip_bad": True} if (skip_bad and name == "folder") else {}
+    return build_dataset(name, root, split, transform=transform, crop_dir=crop_dir,
+                         crop_type=None if crop_type == "none" else crop_type, **extra)
 
 
 def _fingerprint(backbone: Any, dataset: Dataset, *, name: str, split: str, crop_type: str,
@@ -201,7 +203,8 @@ def _fingerprint(backbone: Any, dataset: Dataset, *, name: str, split: str, crop
 
 def feature_cache(backbone: Any, dataset: Dataset, use: bool | str, *, name: str, split: str,
                   crop_type: str, resolution: int, data_root: str | Path, device: str,
-                  batch_size: int, num_workers: int, progress: bool) -> Any | None:
+                  batch_size: int, num_workers: int, progress: bool,
+                  cache_dir: str | Path | None = None) -> Any | None:
     """Open (or, with ``use=True``, build) the feature cache of the split; None when not used.
 
     Lives where ``stego features`` writes by default, so either builds it for the other.
@@ -213,7 +216,7 @@ def feature_cache(backbone: Any, dataset: Dataset, use: bool | str, *, name: str
         return None
     fp = _fingerprint(backbone, dataset, name=name, split=split, crop_type=crop_type,
                       resolution=resolution, data_root=data_root)
-    root = artifact_dir(data_root, fp) / "features"
+    root = artifact_dir(data_root, fp, cache_dir) / "features"
     manifest = root / "manifest.json"
     if use == "auto" and not manifest.is_file():
         return None
@@ -233,7 +236,7 @@ def feature_cache(backbone: Any, dataset: Dataset, use: bool | str, *, name: str
 def neighbor_table(backbone: Any, dataset: Dataset, k: int, *, name: str, split: str,
                    crop_type: str, resolution: int, data_root: str | Path, device: str,
                    batch_size: int, num_workers: int, progress: bool,
-                   cache: Any | None = None) -> Tensor:
+                   cache: Any | None = None, cache_dir: str | Path | None = None) -> Tensor:
     """(N, k) neighbour indices: loaded from ``stego knn``'s default file, or built and saved."""
     from stego.atomic import file_lock
     from stego.fingerprint import artifact_dir
@@ -241,7 +244,7 @@ def neighbor_table(backbone: Any, dataset: Dataset, k: int, *, name: str, split:
 
     fp = _fingerprint(backbone, dataset, name=name, split=split, crop_type=crop_type,
                       resolution=resolution, data_root=data_root)
-    path = artifact_dir(data_root, fp) / f"neighbors_k{k}.safetensors"
+    path = artifact_dir(data_root, fp, cache_dir) / f"neighbors_k{k}.safetensors"
     with file_lock(path.with_name(path.name + ".build-lock")):  # DDP ranks build it once
         if not path.is_file():
             if cache is not None:

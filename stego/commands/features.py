@@ -26,6 +26,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder holding the datasets; outputs go under <data-root>/stego-cache/ by default",
     )
     parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where caches and neighbour tables go instead of <data-root>/stego-cache (use it "
+        "when the data root is read-only; pass the same value to `stego train --set "
+        "data.cache_dir=...`)",
+    )
+    parser.add_argument(
         "--split",
         default="train",
         help="split to process (default: train; neighbours and caches are per split)",
@@ -168,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             "layer": getattr(backbone, "layer", args.layer),
             "weights_digest": getattr(backbone, "weights_digest", "unknown"),
         }
-        out = artifact_dir(args.data_root, probe) / "features"
+        out = artifact_dir(args.data_root, probe, args.cache_dir) / "features"
     cache = FeatureCache.build(
         backbone,
         dataset,

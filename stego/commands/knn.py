@@ -140,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
         max_memory_bytes=args.max_memory_mb * 2**20,
         exclude_groups=groups,
     ).cpu()
-    out = args.out or artifact_dir(args.data_root, fp) / f"neighbors_k{args.k}.safetensors"
+    out = args.out or (
+        artifact_dir(args.data_root, fp, args.cache_dir) / f"neighbors_k{args.k}.safetensors"
+    )
     NeighborTable(indices, fp).save(out)
     print(f"neighbour table written: {out} ({indices.shape[0]} items x {indices.shape[1]})")
     return 0

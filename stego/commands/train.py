@@ -13,6 +13,7 @@ import argparse
 _SHORTCUTS = (
     ("dataset", "data.dataset"),
     ("data_root", "data.data_root"),
+    ("cache_dir", "data.cache_dir"),
     ("split", "data.split"),
     ("backbone", "model.backbone"),
     ("weights", "model.weights"),
@@ -38,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-root", default=None,
                         help="folder holding the dataset; neighbour tables and feature caches are "
                              "kept under <data-root>/stego-cache/ and reused")
+    parser.add_argument("--cache-dir", default=None,
+                        help="keep neighbour tables and feature caches here instead of "
+                             "<data-root>/stego-cache (for read-only data folders)")
     parser.add_argument("--out", required=True,
                         help="run folder: config.yaml, checkpoints/, logs/ (TensorBoard, CSV) and "
                              "the final model/ for `stego eval` / `stego predict`")
