@@ -125,7 +125,12 @@ def load(
     if meta.n_classes and any(k.startswith("linear_probe.") for k in state):
         linear = LinearProbe(cluster.clusters.shape[1], meta.n_classes)
     model = Segmenter(backbone, head, cluster, linear, meta)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise StegoError(
+            f"{directory / WEIGHTS_FILE} does not match its config ({exc}); save the model again"
+        ) from exc
     missing = [k for k in missing if included or not k.startswith("backbone.")]
     if missing or unexpected:
         raise StegoError(

