@@ -35,9 +35,14 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and is_no_space(exc):
+            raise StegoError(
+                f"disk full while writing {path}; nothing was left half-written. Free some "
+                "space (or choose another output folder) and run the command again"
+            ) from exc
         raise
 
 

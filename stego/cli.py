@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +49,12 @@ Then: stego predict, stego report, stego convert-official, stego export-onnx.
 """
 
 
+def one_line(message: str) -> str:
+    """``message`` without terminal colour codes, its whitespace runs collapsed to one space
+    (errors quoted from other libraries can span lines)."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", message).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stego", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except StegoError as exc:
-        print(f"stego {args.command}: error: {exc}", file=sys.stderr)
+        print(f"stego {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stego {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)

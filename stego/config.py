@@ -10,6 +10,7 @@ the outputs (``config.yaml``) and inside every checkpoint (:meth:`StegoConfig.to
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,9 +82,11 @@ class ModelConfig:
 class LossConfig:
     """The STEGO correlation loss (reference section 4); the names follow the original code."""
 
-    pos_intra_shift: float = 0.08  # b_self: paper ViT-S/8 COCO value
-    pos_inter_shift: float = 0.02  # b_knn
-    neg_inter_shift: float = 0.16  # b_rand
+    # Shifts: a number, or "auto" = calibrated label-free on the training features before
+    # training (stego.calibration; the chosen values are saved in the run's config.yaml).
+    pos_intra_shift: float | Literal["auto"] = 0.08  # b_self: paper ViT-S/8 COCO value
+    pos_inter_shift: float | Literal["auto"] = 0.02  # b_knn
+    neg_inter_shift: float | Literal["auto"] = 0.16  # b_rand
     pos_intra_weight: float = 0.67  # lambda_self
     pos_inter_weight: float = 0.25  # lambda_knn
     neg_inter_weight: float = 0.63  # lambda_rand
@@ -155,6 +158,10 @@ class StegoConfig:
     def validate(self) -> None:
         """Reject impossible values with an error that names the key."""
         d, m, lo, t = self.data, self.model, self.loss, self.train
+        for section_name, section in self.to_dict().items():
+            for key, value in section.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise StegoError(f"{section_name}.{key} must be a finite number, got {value}")
         _positive("data.resolution", d.resolution)
         _positive("data.batch_size", d.batch_size)
         _at_least("data.num_workers", d.num_workers, 0)

@@ -117,9 +117,7 @@ class FeatureCache:
     def _map(self, kind: str, shard: int) -> np.ndarray:
         key = (kind, shard)
         if key not in self._maps:
-            self._maps[key] = np.load(
-                self.root / _shard_name(kind, shard), mmap_mode="r", allow_pickle=False
-            )
+            self._maps[key] = _load_shard(self.root / _shard_name(kind, shard), mmap=True)
         return self._maps[key]
 
     def _row(self, kind: str, i: int) -> Tensor:
@@ -142,7 +140,7 @@ class FeatureCache:
     def global_features(self) -> Tensor:
         """(N, C) float32 L2-normalised global features, in item order."""
         parts = [
-            np.load(self.root / _shard_name("global", s), allow_pickle=False)
+            _load_shard(self.root / _shard_name("global", s), mmap=False)
             for s in range(int(self.manifest["num_shards"]))
         ]
         return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
@@ -259,13 +257,24 @@ class FeatureCache:
         return cls(root, manifest)
 
 
+def _load_shard(path: Path, *, mmap: bool) -> np.ndarray:
+    """One ``.npy`` shard (memory-mapped when asked), never unpickling anything."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StegoError(
+            f"feature cache file {path} is unreadable or corrupt ({exc}); delete "
+            f"{path.parent} and rebuild it with `stego features`"
+        ) from exc
+
+
 def _read_manifest(root: Path) -> dict[str, Any] | None:
     path = root / "manifest.json"
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
         raise StegoError(f"cannot read {path}: {exc}; delete the folder and rebuild") from exc
     if manifest.get("format") != _FORMAT:
         raise StegoError(f"{path} is not a stego feature cache manifest")

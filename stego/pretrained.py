@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from stego.atomic import atomic_write
+from stego.atomic import atomic_write, check_free_space
 from stego.errors import StegoError
 from stego.segmenter import Segmenter, SegmenterMeta
 
@@ -42,8 +42,10 @@ def save_pretrained(
         for name, tensor in model.state_dict().items()
         if include_backbone or not name.startswith("backbone.")
     }
+    data = _safetensors_bytes(state)
+    check_free_space(directory, len(data), "the model")
     with atomic_write(directory / WEIGHTS_FILE) as handle:
-        handle.write(_safetensors_bytes(state))
+        handle.write(data)
     meta = model.meta
     meta.backbone_digest = str(getattr(model.backbone, "weights_digest", ""))
     config = {
@@ -105,14 +107,20 @@ def load(
     try:
         config = json.loads(config_path.read_text())
         meta = SegmenterMeta.from_dict(config["meta"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # JSON / UTF-8 errors are ValueErrors
         raise StegoError(f"{config_path} is not a valid stego model config ({exc})") from exc
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise StegoError(
             f"{directory} was saved by a newer stego (format {config['format_version']}); "
             "upgrade stego-seg"
         )
-    state = load_file(str(directory / WEIGHTS_FILE))
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise StegoError(
+            f"{directory / WEIGHTS_FILE} is not a readable safetensors file ({exc}); "
+            "download or save the model again"
+        ) from exc
     included = bool(config.get("includes_backbone"))
     if included:  # weights come from model.safetensors below
         backbone = build_backbone(meta.backbone, layer=meta.backbone_layer, pretrained=False)

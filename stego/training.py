@@ -8,6 +8,7 @@ uninterrupted one exactly, and the cached-feature and live-backbone paths see th
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from stego.atomic import atomic_write
+from stego.atomic import atomic_write, check_free_space
 from stego.config import StegoConfig
 from stego.errors import StegoError
 from stego.metrics import UnsupervisedMetrics
@@ -243,8 +244,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        check_free_space(Path(path).parent, buffer.tell(), "the checkpoint")
         with atomic_write(path) as handle:
-            torch.save(checkpoint, handle)
+            handle.write(buffer.getbuffer())
 
 
 # Keys that may change between a run and its resumption (they don't change the trajectory).
@@ -268,7 +272,8 @@ def _check_out_dir(config: StegoConfig, out_dir: Path, resume: bool) -> Path | N
         old = StegoConfig.from_dict(yaml.safe_load(saved.read_text()), source=str(saved)).to_dict()
         new = config.to_dict()
         diffs = [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in new for k in new[s]
-                 if old[s][k] != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES]
+                 if old[s][k] != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES
+                 and new[s][k] != "auto"]  # "auto" shifts: the saved resolved values are reused
         if diffs:
             raise StegoError(f"the config differs from the run in {out_dir} ({'; '.join(diffs)}); "
                              "resume with the same settings or start a new --out")
@@ -400,18 +405,45 @@ def train(config: StegoConfig, out_dir: str | Path, *, resume: bool = False,
     m = config.model
     backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
     data, info = _data(config, backbone, progress and rank0)
+    _resolve_auto_shifts(config, data, backbone, info.n_classes, out_dir if resume else None,
+                         log=print if rank0 else None)
     # Reseed: building a table or cache draws from the global RNG, the initial weights must not
     # depend on whether it was built in this run.
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     module = build_module(config, backbone, info.n_classes, info.palette.tolist() or None)
     if rank0:
         config.save(out_dir / "config.yaml")
+        for stray in (out_dir / "checkpoints").glob(".*.tmp-*"):  # a write killed mid-way
+            stray.unlink(missing_ok=True)
     trainer = _trainer(config, out_dir, data.val is not None, progress)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         _save_model(module, backbone, config, info, out_dir / "model")
     return out_dir
+
+
+def _resolve_auto_shifts(config: StegoConfig, data: StegoDataModule, backbone: Any,
+                         n_classes: int | None, resumed: Path | None, log: Any) -> None:
+    """Calibrate ``loss.*_shift: auto`` on the training split (cache or live backbone)."""
+    from stego.calibration import LiveFeatures, auto_shift_keys, resolve_auto_shifts
+
+    if not auto_shift_keys(config):
+        return
+    saved = None
+    if resumed is not None and (resumed / "config.yaml").is_file():
+        saved = yaml.safe_load((resumed / "config.yaml").read_text())
+    pairs: Any = data.train_pairs
+    if isinstance(pairs, CachedPairDataset):
+        feats, nbrs = pairs.cached.cache, pairs.cached.neighbors
+    else:
+        feats = LiveFeatures(backbone, pairs.dataset, _device(config.train.accelerator))
+        nbrs = pairs.neighbors
+    m = config.model
+    n_clusters = m.n_clusters or ((n_classes or 0) + m.extra_clusters)
+    if n_clusters < 2:
+        raise StegoError("loss shifts 'auto' need a cluster count >= 2; set model.n_clusters")
+    resolve_auto_shifts(config, feats, torch.as_tensor(nbrs), n_clusters, saved=saved, log=log)
 
 
 def _save_model(module: StegoModule, backbone: Any, config: StegoConfig, info: Any,
