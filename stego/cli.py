@@ -1,4 +1,4 @@
-"""The ``stego`` command line: one subcommand per pipeline stage, each a thin layer over the library.
+"""The ``stego`` command line: one subcommand per pipeline stage, a thin layer over the library.
 
 Each subcommand lives in its own module ``stego/commands/<name>.py`` exposing
 ``register(subparsers)``, which adds its parser and sets ``func`` to a ``run(args) -> int``.
@@ -81,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stego {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"stego {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        print(
+            f"stego {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr
+        )
         return 130
 
 

@@ -78,7 +78,9 @@ def _resolve(path: str | Path) -> Path:
     try:  # an "owner/name" id on the Hugging Face hub
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=str(path), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+        return Path(
+            snapshot_download(repo_id=str(path), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+        )
     except Exception as exc:  # noqa: BLE001 - any hub failure means the same thing to the user
         raise StegoError(
             f"could not find a local model directory {path} nor fetch it from the hub ({exc}); "
@@ -125,10 +127,13 @@ def load(
     if included:  # weights come from model.safetensors below
         backbone = build_backbone(meta.backbone, layer=meta.backbone_layer, pretrained=False)
     else:
-        backbone = build_backbone(meta.backbone, weights=backbone_weights, layer=meta.backbone_layer)
+        backbone = build_backbone(
+            meta.backbone, weights=backbone_weights, layer=meta.backbone_layer
+        )
     head = SegmentationHead(backbone.embed_dim, meta.code_dim, kind=meta.head_kind)
-    cluster = ClusterProbe(meta.code_dim if meta.head_kind != "none" else backbone.embed_dim,
-                           meta.n_clusters)
+    cluster = ClusterProbe(
+        meta.code_dim if meta.head_kind != "none" else backbone.embed_dim, meta.n_clusters
+    )
     linear = None
     if meta.n_classes and any(k.startswith("linear_probe.") for k in state):
         linear = LinearProbe(cluster.clusters.shape[1], meta.n_classes)

@@ -108,12 +108,28 @@ def _prepare(config: Any, progress: bool) -> tuple[Any, Any, torch.Tensor]:
 
     d, m, t = config.data, config.model, config.train
     backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
-    dataset = open_split("folder", d.data_root, d.split, resolution=d.resolution,
-                         interpolation=d.interpolation, crop_type=d.crop_type,
-                         crop_dir=d.crop_dir, skip_bad=d.skip_bad)
-    where = dict(name="folder", split=d.split, crop_type=d.crop_type, resolution=d.resolution,
-                 data_root=d.data_root, cache_dir=d.cache_dir, device=_device(t.accelerator),
-                 batch_size=d.batch_size, num_workers=d.num_workers, progress=progress)
+    dataset = open_split(
+        "folder",
+        d.data_root,
+        d.split,
+        resolution=d.resolution,
+        interpolation=d.interpolation,
+        crop_type=d.crop_type,
+        crop_dir=d.crop_dir,
+        skip_bad=d.skip_bad,
+    )
+    where = dict(
+        name="folder",
+        split=d.split,
+        crop_type=d.crop_type,
+        resolution=d.resolution,
+        data_root=d.data_root,
+        cache_dir=d.cache_dir,
+        device=_device(t.accelerator),
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        progress=progress,
+    )
     cache = feature_cache(backbone, dataset, True, **where)
     neighbors = neighbor_table(backbone, dataset, t.knn_k, cache=cache, **where)
     return backbone, cache, neighbors
@@ -205,9 +221,17 @@ def segment_folder(
     n_items = len(images) * (5 if use_five else 1)
     patch = 14 if "14" in backbone else 8 if "8" in backbone else 16
     res = resolution or (224 // patch) * patch
-    s = SegmentSettings(clusters=clusters, backbone=backbone, layer=layer, resolution=res,
-                        steps=steps or choose_steps(n_items), five_crop=use_five, crf=crf,
-                        seed=seed, batch_size=min(batch_size, n_items))
+    s = SegmentSettings(
+        clusters=clusters,
+        backbone=backbone,
+        layer=layer,
+        resolution=res,
+        steps=steps or choose_steps(n_items),
+        five_crop=use_five,
+        crf=crf,
+        seed=seed,
+        batch_size=min(batch_size, n_items),
+    )
     work = out / "work"
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -215,8 +239,9 @@ def segment_folder(
         from stego.data import write_five_crops
 
         _stage(1, f"five-crop {len(images)} images", progress)
-        write_five_crops("folder", input_dir, "all", work / "crops", progress=progress,
-                         skip_bad=skip_bad)
+        write_five_crops(
+            "folder", input_dir, "all", work / "crops", progress=progress, skip_bad=skip_bad
+        )
     else:
         _stage(1, f"{len(images)} images: large enough, no five-crop", progress)
     timings["crop"] = time.perf_counter() - start
@@ -225,8 +250,14 @@ def segment_folder(
     _, cache, neighbors = _prepare(config, progress)
     timings["features_knn"] = time.perf_counter() - start - sum(timings.values())
     _stage(3, "choosing the loss shifts from the data (no labels)", progress)
-    cal = calibrate_shifts(cache, neighbors, clusters, num_neighbors=config.train.num_neighbors,
-                           pointwise=config.loss.pointwise, seed=seed)
+    cal = calibrate_shifts(
+        cache,
+        neighbors,
+        clusters,
+        num_neighbors=config.train.num_neighbors,
+        pointwise=config.loss.pointwise,
+        seed=seed,
+    )
     s.shifts = {k: round(v, 4) for k, v in cal.shifts.items()}
     lo = config.loss
     lo.pos_intra_shift, lo.pos_inter_shift, lo.neg_inter_shift = cal.as_tuple()
@@ -245,18 +276,24 @@ def segment_folder(
     save_pretrained(model, out / "model", train_config=config.to_dict())
     timings["clusters"] = time.perf_counter() - start - sum(timings.values())
     _stage(6, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
-    result = predict_paths(model, [input_dir], out, crf=crf, skip_bad=skip_bad,
-                           progress=progress)
+    result = predict_paths(model, [input_dir], out, crf=crf, skip_bad=skip_bad, progress=progress)
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
     sheet = _contact_sheet(out)
     summary = {
-        "input": str(input_dir), "n_images": len(images), "n_training_views": n_items,
-        "settings": asdict(s), "cluster_pixel_fraction": _cluster_sizes(out, clusters),
+        "input": str(input_dir),
+        "n_images": len(images),
+        "n_training_views": n_items,
+        "settings": asdict(s),
+        "cluster_pixel_fraction": _cluster_sizes(out, clusters),
         "skipped": [str(p) for p, _ in result.skipped],
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "total_seconds": round(time.perf_counter() - start, 1),
-        "outputs": {"labels": str(out / "labels"), "overlays": str(out / "overlays"),
-                    "model": str(out / "model"), "contact_sheet": str(sheet) if sheet else None},
+        "outputs": {
+            "labels": str(out / "labels"),
+            "overlays": str(out / "overlays"),
+            "model": str(out / "model"),
+            "contact_sheet": str(sheet) if sheet else None,
+        },
     }
     with atomic_write(out / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -71,7 +71,7 @@ def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, i
 
 
 class Segmenter(nn.Module):
-    """Backbone + head + cluster probe (+ optional linear probe) with the paper's prediction rule."""
+    """Backbone + head + cluster probe (+ optional linear probe), with the paper's prediction."""
 
     def __init__(
         self,

@@ -27,7 +27,11 @@ def test_preset_values_match_released_checkpoints() -> None:
     assert (coco.model.backbone, coco.train.steps, coco.data.batch_size) == ("dino-vitb8", 7000, 32)
     assert (coco.data.crop_type, coco.model.code_dim, coco.loss.pointwise) == ("five", 90, True)
     assert coco.loss.neg_inter_weight == 0.1538476246415498
-    assert (coco.loss.neg_inter_shift, coco.loss.pos_inter_shift, coco.loss.pos_intra_shift) == (1.0, 0.2, 0.12)
+    assert (coco.loss.neg_inter_shift, coco.loss.pos_inter_shift, coco.loss.pos_intra_shift) == (
+        1.0,
+        0.2,
+        0.12,
+    )
     city = load_config("cityscapes27")
     assert city.loss.pointwise is False and city.model.code_dim == 100
     assert city.loss.pos_intra_shift == 0.45828472207
@@ -44,7 +48,9 @@ def test_unknown_preset_lists_valid_ones() -> None:
 
 
 def test_unknown_key_lists_valid_keys_of_section() -> None:
-    with pytest.raises(StegoError, match=r"unknown key 'train\.stepz'.*valid keys of 'train': steps, lr"):
+    with pytest.raises(
+        StegoError, match=r"unknown key 'train\.stepz'.*valid keys of 'train': steps, lr"
+    ):
         load_config(overrides=["train.stepz=3"])
 
 
@@ -71,8 +77,15 @@ def test_wrong_types_name_key_type_and_value(override: str, expected: str) -> No
 
 @pytest.mark.parametrize(
     "override",
-    ["train.steps=-1", "train.knn_k=0", "data.batch_size=0", "train.lr=0", "train.probe_lr=-1e-3",
-     "model.dropout=1.0", "train.num_neighbors=30"],
+    [
+        "train.steps=-1",
+        "train.knn_k=0",
+        "data.batch_size=0",
+        "train.lr=0",
+        "train.probe_lr=-1e-3",
+        "model.dropout=1.0",
+        "train.num_neighbors=30",
+    ],
 )
 def test_impossible_values_rejected(override: str) -> None:
     with pytest.raises(StegoError, match=override.split("=")[0]):
@@ -87,8 +100,14 @@ def test_batch_must_split_over_devices() -> None:
 def test_overrides_apply_and_parse_yaml() -> None:
     config = load_config(
         "potsdam3",
-        overrides=["train.steps=12", "train.lr=5e-4", "model.layer=null", "model.layer=3",
-                   "train.use_feature_cache=true", "data.data_root=/data"],
+        overrides=[
+            "train.steps=12",
+            "train.lr=5e-4",
+            "model.layer=null",
+            "model.layer=3",
+            "train.use_feature_cache=true",
+            "data.data_root=/data",
+        ],
     )
     assert config.train.steps == 12
     assert config.train.lr == 5e-4 and isinstance(config.train.lr, float)  # "5e-4" is a YAML string
@@ -110,7 +129,9 @@ def test_malformed_override() -> None:
 
 def test_order_defaults_preset_file_overrides(tmp_path) -> None:
     path = tmp_path / "my.yaml"
-    path.write_text(yaml.safe_dump({"train": {"steps": 50, "seed": 3}, "loss": {"pointwise": False}}))
+    path.write_text(
+        yaml.safe_dump({"train": {"steps": 50, "seed": 3}, "loss": {"pointwise": False}})
+    )
     config = load_config("cocostuff27", path, ["train.steps=60"])
     assert config.train.steps == 60  # override beats file
     assert config.train.seed == 3  # file beats preset/defaults
@@ -133,7 +154,9 @@ def test_bad_file_errors(tmp_path) -> None:
 
 
 def test_dict_and_yaml_round_trip(tmp_path) -> None:
-    config = load_config("cityscapes27", overrides=["data.data_root=/x", "train.use_feature_cache=false"])
+    config = load_config(
+        "cityscapes27", overrides=["data.data_root=/x", "train.use_feature_cache=false"]
+    )
     again = StegoConfig.from_dict(config.to_dict())
     assert again == config
     config.save(tmp_path / "config.yaml")

@@ -20,11 +20,19 @@ def _model(linear: bool = True) -> Segmenter:
     torch.manual_seed(0)
     backbone = build_backbone("tiny-vit", pretrained=False)
     head = SegmentationHead(backbone.embed_dim, 6)
-    meta = SegmenterMeta(backbone="tiny-vit", backbone_layer=None, head_kind="nonlinear",
-                         code_dim=6, n_clusters=4, n_classes=3 if linear else None,
-                         class_names=["a", "b", "c"], palette=[[1, 2, 3]] * 3)
-    return Segmenter(backbone, head, ClusterProbe(6, 4), LinearProbe(6, 3) if linear else None,
-                     meta).eval()
+    meta = SegmenterMeta(
+        backbone="tiny-vit",
+        backbone_layer=None,
+        head_kind="nonlinear",
+        code_dim=6,
+        n_clusters=4,
+        n_classes=3 if linear else None,
+        class_names=["a", "b", "c"],
+        palette=[[1, 2, 3]] * 3,
+    )
+    return Segmenter(
+        backbone, head, ClusterProbe(6, 4), LinearProbe(6, 3) if linear else None, meta
+    ).eval()
 
 
 @pytest.mark.parametrize("size", [(32, 32), (37, 53), (8, 200)])
@@ -48,8 +56,9 @@ def test_flip_averaging_is_flip_equivariant() -> None:
 @pytest.mark.parametrize("include_backbone", [False, True])
 def test_save_load_round_trip_is_exact(tmp_path: Path, include_backbone: bool) -> None:
     model = _model()
-    stego.save_pretrained(model, tmp_path / "m", include_backbone=include_backbone,
-                          train_config={"note": 1})
+    stego.save_pretrained(
+        model, tmp_path / "m", include_backbone=include_backbone, train_config={"note": 1}
+    )
     loaded = stego.load(tmp_path / "m")
     images = torch.rand(2, 3, 40, 24)
     assert torch.equal(model(images).cluster_log_probs, loaded(images).cluster_log_probs)

@@ -31,8 +31,9 @@ def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     root = tmp_path_factory.mktemp("seg")
     images, out = root / "images", root / "out"
     _write_images(images)
-    summary = segment_folder(images, out, clusters=2, backbone="tiny-vit", steps=4,
-                             resolution=32, progress=False)
+    summary = segment_folder(
+        images, out, clusters=2, backbone="tiny-vit", steps=4, resolution=32, progress=False
+    )
     return images, out, summary
 
 
@@ -57,17 +58,28 @@ def test_segment_writes_labels_at_image_size(segmented: tuple[Path, Path, dict])
 def test_segment_rerun_reuses_everything(segmented: tuple[Path, Path, dict]) -> None:
     images, out, _ = segmented
     before = (out / "model" / "model.safetensors").read_bytes()
-    summary = segment_folder(images, out, clusters=2, backbone="tiny-vit", steps=4,
-                             resolution=32, progress=False)
+    summary = segment_folder(
+        images, out, clusters=2, backbone="tiny-vit", steps=4, resolution=32, progress=False
+    )
     assert summary["seconds"]["train"] < 5  # the finished run is not trained again
     assert (out / "model" / "model.safetensors").read_bytes() == before  # deterministic
 
 
-def test_segmented_model_loads_for_predict(segmented: tuple[Path, Path, dict],
-                                           tmp_path: Path) -> None:
+def test_segmented_model_loads_for_predict(
+    segmented: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
     images, out, _ = segmented
-    code = main(["predict", "--checkpoint", str(out / "model"), str(images), "--out",
-                 str(tmp_path / "pred"), "--quiet"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(out / "model"),
+            str(images),
+            "--out",
+            str(tmp_path / "pred"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert len(list((tmp_path / "pred" / "labels").rglob("*.png"))) == 4
 
@@ -82,8 +94,18 @@ def test_segment_refuses_bad_requests(tmp_path: Path) -> None:
 
 
 def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["segment", str(tmp_path / "missing"), "--clusters", "3", "--out",
-                 str(tmp_path / "o"), "--backbone", "tiny-vit"])
+    code = main(
+        [
+            "segment",
+            str(tmp_path / "missing"),
+            "--clusters",
+            "3",
+            "--out",
+            str(tmp_path / "o"),
+            "--backbone",
+            "tiny-vit",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "missing" in err
 
@@ -94,11 +116,22 @@ def test_choose_steps_grows_with_the_folder_and_is_capped() -> None:
     assert choose_steps(10**6) == 3000
 
 
-def test_demo_runs_offline_with_a_tiny_model(tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_offline_with_a_tiny_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("skimage")
-    code = main(["demo", "--out", str(tmp_path / "demo"), "--backbone", "tiny-vit", "--steps",
-                 "2", "--quiet"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--backbone",
+            "tiny-vit",
+            "--steps",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert "contact_sheet.png" in capsys.readouterr().out
     assert len(list((tmp_path / "demo" / "results" / "labels").glob("*.png"))) == 4

@@ -38,23 +38,39 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             a, b = rng.integers(0, 3, 2)
             label[:, :32], label[:, 32:], label[:16] = a, b, (a + 1) % 3
             image = COLORS[label] + rng.integers(-20, 20, (64, 64, 3))
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / split / f"{i:02d}.png")
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+                root / "images" / split / f"{i:02d}.png"
+            )
             Image.fromarray(label).save(root / "labels" / split / f"{i:02d}.png")
     return root
 
 
 def tiny_overrides(root: Path, steps: int = 4, **extra: object) -> list[str]:
     values: dict[str, object] = {
-        "data.dataset": "camvid", "data.data_root": str(root), "data.resolution": 32,
-        "data.batch_size": 4, "data.num_workers": 0, "model.backbone": "tiny-vit",
-        "model.code_dim": 8, "train.steps": steps, "train.knn_k": 5, "train.num_neighbors": 3,
-        "train.val_every": 2, "train.checkpoint_every": 2, "train.log_every": 1,
-        "train.figure_every": 2, "train.accelerator": "cpu", "train.use_feature_cache": False,
-        "loss.feature_samples": 5, "loss.neg_samples": 2,  # small: the machine is shared
+        "data.dataset": "camvid",
+        "data.data_root": str(root),
+        "data.resolution": 32,
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "model.backbone": "tiny-vit",
+        "model.code_dim": 8,
+        "train.steps": steps,
+        "train.knn_k": 5,
+        "train.num_neighbors": 3,
+        "train.val_every": 2,
+        "train.checkpoint_every": 2,
+        "train.log_every": 1,
+        "train.figure_every": 2,
+        "train.accelerator": "cpu",
+        "train.use_feature_cache": False,
+        "loss.feature_samples": 5,
+        "loss.neg_samples": 2,  # small: the machine is shared
     }
     values.update(extra)
-    return [f"{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in values.items()]
+    return [
+        f"{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in values.items()
+    ]
 
 
 def tiny_config(root: Path, steps: int = 4, **extra: object) -> StegoConfig:
@@ -129,12 +145,17 @@ def test_live_run_writes_everything(data_root: Path, tmp_path: Path) -> None:
 
 def test_cache_and_live_give_the_same_losses(data_root: Path, tmp_path: Path) -> None:
     live = train(tiny_config(data_root, 4), tmp_path / "live", progress=False)
-    cached = train(tiny_config(data_root, 4, **{"train.use_feature_cache": True}),
-                   tmp_path / "cached", progress=False)
+    cached = train(
+        tiny_config(data_root, 4, **{"train.use_feature_cache": True}),
+        tmp_path / "cached",
+        progress=False,
+    )
     assert list((data_root / "stego-cache").rglob("manifest.json"))  # the cache was built
     # float16 features in the cache: the curves agree to ~1e-5 here; 1e-3 allowed
     np.testing.assert_allclose(losses(cached), losses(live), atol=1e-3)
-    np.testing.assert_allclose(losses(cached, "probe/linear_loss"), losses(live, "probe/linear_loss"), atol=1e-3)
+    np.testing.assert_allclose(
+        losses(cached, "probe/linear_loss"), losses(live, "probe/linear_loss"), atol=1e-3
+    )
 
 
 def test_resume_reaches_the_same_weights(data_root: Path, tmp_path: Path) -> None:
@@ -156,15 +177,29 @@ def test_ddp_two_cpu_processes_match_one(data_root: Path, tmp_path: Path) -> Non
     rank's half-batch) and pointwise off (its centring adds back a batch-wide mean). With those
     on, DDP is a valid but different estimate of the same loss.
     """
-    extra = {"model.dropout": 0.0, "loss.neg_inter_weight": 0.0, "loss.pointwise": False,
-             "train.val_every": 0}
+    extra = {
+        "model.dropout": 0.0,
+        "loss.neg_inter_weight": 0.0,
+        "loss.pointwise": False,
+        "train.val_every": 0,
+    }
     args = [f"--set={o}" for o in tiny_overrides(data_root, 3, **extra)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"ddp{devices}"
-        cmd = [sys.executable, "-m", "stego.cli", "train", "--out", str(out), "--quiet",
-               "--devices", str(devices), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stego.cli",
+            "train",
+            "--out",
+            str(out),
+            "--quiet",
+            "--devices",
+            str(devices),
+            *args,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = trained_state(out)

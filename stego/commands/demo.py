@@ -20,8 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="stego-demo", help="output folder (default: stego-demo)")
     parser.add_argument("--clusters", "-k", type=int, default=4, help="kinds of things to find")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--backbone", default=None,
-                        help="backbone (default: as stego segment chooses; tiny-vit for a smoke test)")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone (default: as stego segment chooses; tiny-vit for a smoke test)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
 
@@ -50,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     images = sample_images(out)
-    summary = segment_folder(images, out / "results", clusters=args.clusters,
-                             backbone=args.backbone, steps=args.steps, progress=not args.quiet)
+    summary = segment_folder(
+        images,
+        out / "results",
+        clusters=args.clusters,
+        backbone=args.backbone,
+        steps=args.steps,
+        progress=not args.quiet,
+    )
     print(f"demo done in {summary['total_seconds']:.0f} s. Look at:")
     print(f"  {summary['outputs']['contact_sheet']}   (images and their segments)")
     print(f"  {summary['outputs']['overlays']}/")

@@ -14,27 +14,57 @@ def register(sub: argparse._SubParsersAction) -> None:
         "OUT/summary.json. Rerun the same command to continue an interrupted run.",
     )
     parser.add_argument("input", help="folder of images (nested folders and any Pillow format)")
-    parser.add_argument("--clusters", "-k", type=int, required=True,
-                        help="how many kinds of things to find (e.g. 5-30)")
+    parser.add_argument(
+        "--clusters",
+        "-k",
+        type=int,
+        required=True,
+        help="how many kinds of things to find (e.g. 5-30)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--backbone", default=None,
-                        help="frozen backbone (default: dino-vits8 if its weights are cached, "
-                             "else the offline dinov2-vits14-offline)")
-    parser.add_argument("--layer", type=int, default=None,
-                        help="backbone block to read features from (default: last; 8 for the "
-                             "offline DINOv2, which segments better from its middle blocks)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: from the folder size, at most 3000)")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="training resolution (default 224, rounded to the patch size)")
-    parser.add_argument("--five-crop", choices=("auto", "yes", "no"), default="auto",
-                        help="train on the 4 corners + centre of each image (default: yes for "
-                             "folders under 500 images)")
-    parser.add_argument("--crf", action="store_true",
-                        help="sharpen predictions with a dense CRF (slower; needs stego-seg[crf])")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="frozen backbone (default: dino-vits8 if its weights are cached, "
+        "else the offline dinov2-vits14-offline)",
+    )
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="backbone block to read features from (default: last; 8 for the "
+        "offline DINOv2, which segments better from its middle blocks)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: from the folder size, at most 3000)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training resolution (default 224, rounded to the patch size)",
+    )
+    parser.add_argument(
+        "--five-crop",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="train on the 4 corners + centre of each image (default: yes for "
+        "folders under 500 images)",
+    )
+    parser.add_argument(
+        "--crf",
+        action="store_true",
+        help="sharpen predictions with a dense CRF (slower; needs stego-seg[crf])",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (results are repeatable)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip unreadable images (listed in summary.json) instead of failing")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable images (listed in summary.json) instead of failing",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
 
@@ -44,9 +74,18 @@ def run(args: argparse.Namespace) -> int:
 
     five = {"auto": None, "yes": True, "no": False}[args.five_crop]
     summary = segment_folder(
-        args.input, args.out, clusters=args.clusters, backbone=args.backbone, layer=args.layer,
-        steps=args.steps, resolution=args.resolution, five_crop=five, crf=args.crf,
-        seed=args.seed, skip_bad=args.skip_bad, progress=not args.quiet,
+        args.input,
+        args.out,
+        clusters=args.clusters,
+        backbone=args.backbone,
+        layer=args.layer,
+        steps=args.steps,
+        resolution=args.resolution,
+        five_crop=five,
+        crf=args.crf,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+        progress=not args.quiet,
     )
     out = summary["outputs"]
     print(f"segmented {summary['n_images']} images in {summary['total_seconds']:.0f} s")

@@ -32,50 +32,103 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default=None,
-                        help="paper settings to start from: cocostuff27, cocostuff27-vits8, "
-                             "cityscapes27, potsdam3, camvid (loss weights/shifts matter a lot; "
-                             "start from the closest dataset)")
-    parser.add_argument("--data-root", default=None,
-                        help="folder holding the dataset; neighbour tables and feature caches are "
-                             "kept under <data-root>/stego-cache/ and reused")
-    parser.add_argument("--cache-dir", default=None,
-                        help="keep neighbour tables and feature caches here instead of "
-                             "<data-root>/stego-cache (for read-only data folders)")
-    parser.add_argument("--out", required=True,
-                        help="run folder: config.yaml, checkpoints/, logs/ (TensorBoard, CSV) and "
-                             "the final model/ for `stego eval` / `stego predict`")
-    parser.add_argument("--backbone", default=None,
-                        help="frozen backbone registry name (e.g. dino-vitb8, dinov2-vits14); the "
-                             "loss shifts depend on it, so retune them when changing it")
-    parser.add_argument("--weights", default=None,
-                        help="local backbone weights file, for machines without internet access")
-    parser.add_argument("--dataset", default=None,
-                        help="dataset name (overrides the preset's), e.g. camvid")
-    parser.add_argument("--split", default=None,
-                        help="training split (default: train); labels of this split are used only "
-                             "by the linear probe, never by the head")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set loss.neg_inter_shift=0.5 "
-                             "--set train.use_feature_cache=true (repeatable; YAML values)")
-    parser.add_argument("--config", default=None,
-                        help="YAML file with config sections (data, model, loss, train); applied "
-                             "after the preset, before --set")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue RUN_DIR from checkpoints/last.ckpt; reaches the same weights "
-                             "as an uninterrupted run (train.steps may be raised)")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="devices per node; >1 trains with DDP. data.batch_size stays the "
-                             "GLOBAL batch, so results do not depend on the device count")
-    parser.add_argument("--num-nodes", type=int, default=None,
-                        help="machines for multi-node DDP (launch one process per node)")
-    parser.add_argument("--accelerator", choices=("cpu", "gpu", "cuda", "mps", "auto"), default=None,
-                        help="where to train (default: auto = a GPU when there is one)")
-    parser.add_argument("--precision", default=None,
-                        help="Lightning precision: 32-true (default, exact), bf16-mixed (faster on "
-                             "recent GPUs), 16-mixed (may overflow: training stops with an error)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimisation steps (presets: 5000-7000; a few hundred to check a setup)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="paper settings to start from: cocostuff27, cocostuff27-vits8, "
+        "cityscapes27, potsdam3, camvid (loss weights/shifts matter a lot; "
+        "start from the closest dataset)",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the dataset; neighbour tables and feature caches are "
+        "kept under <data-root>/stego-cache/ and reused",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="keep neighbour tables and feature caches here instead of "
+        "<data-root>/stego-cache (for read-only data folders)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="run folder: config.yaml, checkpoints/, logs/ (TensorBoard, CSV) and "
+        "the final model/ for `stego eval` / `stego predict`",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="frozen backbone registry name (e.g. dino-vitb8, dinov2-vits14); the "
+        "loss shifts depend on it, so retune them when changing it",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="local backbone weights file, for machines without internet access",
+    )
+    parser.add_argument(
+        "--dataset", default=None, help="dataset name (overrides the preset's), e.g. camvid"
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="training split (default: train); labels of this split are used only "
+        "by the linear probe, never by the head",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set loss.neg_inter_shift=0.5 "
+        "--set train.use_feature_cache=true (repeatable; YAML values)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file with config sections (data, model, loss, train); applied "
+        "after the preset, before --set",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue RUN_DIR from checkpoints/last.ckpt; reaches the same weights "
+        "as an uninterrupted run (train.steps may be raised)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="devices per node; >1 trains with DDP. data.batch_size stays the "
+        "GLOBAL batch, so results do not depend on the device count",
+    )
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="machines for multi-node DDP (launch one process per node)",
+    )
+    parser.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu", "cuda", "mps", "auto"),
+        default=None,
+        help="where to train (default: auto = a GPU when there is one)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="Lightning precision: 32-true (default, exact), bf16-mixed (faster on "
+        "recent GPUs), 16-mixed (may overflow: training stops with an error)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimisation steps (presets: 5000-7000; a few hundred to check a setup)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
