@@ -14,12 +14,20 @@ label-free:
    fraction of attracted pairs (``fd > shift``) equals the fraction of same-pseudo-class pairs.
 
 With true labels instead of pseudo-classes this is the rule our CamVid preset's shifts came from.
+
+Used three ways: :func:`calibrate_shifts` (library), ``stego calibrate`` (prints the shifts,
+writes ``shifts.yaml`` and a histogram figure) and ``loss.*_shift: auto`` in a training config
+(:func:`resolve_auto_shifts`, called by :func:`stego.training.train` before the module is built;
+the chosen values are logged and saved in the run's ``config.yaml``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +37,25 @@ from stego.errors import StegoError
 from stego.losses import derangement, feature_correlation, sample_at, sample_coords
 from stego.probes import spherical_kmeans
 
-__all__ = ["Calibration", "calibrate_shifts", "TERMS"]
+__all__ = [
+    "Calibration",
+    "calibrate_shifts",
+    "TERMS",
+    "SHIFT_KEYS",
+    "auto_shift_keys",
+    "resolve_auto_shifts",
+    "shifts_config",
+    "histogram_figure",
+    "LiveFeatures",
+]
 
 TERMS: tuple[str, ...] = ("self", "knn", "random")
+# loss config key of each term's shift (the original code's names)
+SHIFT_KEYS: dict[str, str] = {
+    "self": "pos_intra_shift",
+    "knn": "pos_inter_shift",
+    "random": "neg_inter_shift",
+}
 
 
 @dataclass
@@ -113,3 +137,117 @@ def calibrate_shifts(
         fractions[term] = p
         fds[term] = fd
     return Calibration(shifts=shifts, same_fraction=fractions, fd=fds)
+
+
+# --------------------------------------------------------------------------- config and outputs
+
+
+def shifts_config(calibration: Calibration, *, ndigits: int = 3) -> dict[str, dict[str, float]]:
+    """``{"loss": {"pos_intra_shift": .., "pos_inter_shift": .., "neg_inter_shift": ..}}``:
+    a config fragment for ``stego train --config``."""
+    return {"loss": {SHIFT_KEYS[t]: round(calibration.shifts[t], ndigits) for t in TERMS}}
+
+
+def auto_shift_keys(config: Any) -> list[str]:
+    """Loss keys of ``config`` (a :class:`stego.config.StegoConfig`) set to ``"auto"``."""
+    return [key for key in SHIFT_KEYS.values() if getattr(config.loss, key) == "auto"]
+
+
+class LiveFeatures(Sequence):
+    """Backbone features (C, h, w) of ``dataset[i]["image"]``, computed on first use and kept.
+
+    Lets :func:`calibrate_shifts` run without a feature cache (it reads each image at most once).
+    """
+
+    def __init__(self, backbone: Any, dataset: Any, device: str | torch.device = "cpu") -> None:
+        self.backbone, self.dataset, self.device = backbone, dataset, device
+        self._memo: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        i = int(i)
+        if i not in self._memo:
+            image = torch.as_tensor(self.dataset[i]["image"])[None].to(self.device)  # (1, 3, H, W)
+            with torch.no_grad():
+                self._memo[i] = self.backbone(image).feat[0].to("cpu", torch.float16)
+        return self._memo[i].float()
+
+
+def resolve_auto_shifts(
+    config: Any,
+    feats: Sequence[Tensor],
+    neighbors: Tensor,
+    n_clusters: int,
+    *,
+    saved: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> Calibration | None:
+    """Replace every ``"auto"`` loss shift of ``config`` (in place) by its calibrated value.
+
+    Calibrates on ``feats`` / ``neighbors`` (the training split) with the run's own settings:
+    ``train.num_neighbors``, ``loss.feature_samples``, ``loss.pointwise``, ``data.batch_size``
+    and ``train.seed``. ``saved``: the resolved config dict of the run being resumed; its
+    values are reused (no recomputation, exact replay). Returns the calibration (None when
+    nothing was ``"auto"`` or all came from ``saved``).
+    """
+    keys = auto_shift_keys(config)
+    if not keys:
+        return None
+    old = (saved or {}).get("loss", {})
+    if all(isinstance(old.get(k), (int, float)) for k in keys):
+        for key in keys:
+            setattr(config.loss, key, float(old[key]))
+        if log is not None:
+            log("auto shifts taken from the resumed run: "
+                + ", ".join(f"{k}={old[k]}" for k in keys))
+        return None
+    cal = calibrate_shifts(
+        feats, neighbors, n_clusters, num_neighbors=config.train.num_neighbors,
+        n_samples=config.loss.feature_samples, pointwise=config.loss.pointwise,
+        batch_size=config.data.batch_size, seed=config.train.seed)
+    chosen = shifts_config(cal, ndigits=4)["loss"]
+    for key in keys:
+        setattr(config.loss, key, chosen[key])
+    if log is not None:
+        log("auto shifts (label-free calibration, K=%d): %s" % (n_clusters, ", ".join(
+            f"{SHIFT_KEYS[t]}={chosen[SHIFT_KEYS[t]]} (same-pseudo-class fraction "
+            f"{cal.same_fraction[t]:.3f})" for t in TERMS if SHIFT_KEYS[t] in keys)))
+    return cal
+
+
+def histogram_figure(calibration: Calibration, path: str | Path, *, title: str = "",
+                     bins: int = 100) -> Path:
+    """Histograms of the three centred feature correlations with each shift marked (PNG).
+
+    Rendered off-screen (Agg) into memory and written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from stego.atomic import atomic_write
+
+    fig = Figure(figsize=(7, 3.2 * len(TERMS)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(TERMS), 1, sharex=True)
+    for ax, term in zip(axes, TERMS, strict=True):
+        fd = calibration.fd[term].float().numpy()
+        shift = calibration.shifts[term]
+        ax.hist(fd, bins=bins, color="0.6", density=True)
+        ax.axvline(shift, color="tab:red", lw=2,
+                   label=f"shift {shift:.3f} ({SHIFT_KEYS[term]})")
+        ax.set_title(f"{term}: {100 * calibration.same_fraction[term]:.1f}% same pseudo-class "
+                     f"pairs = share attracted (right of the line)", fontsize=9)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[-1].set_xlabel("centred feature correlation")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+    return path

@@ -121,6 +121,10 @@ class TrainConfig:
     # Train from cached backbone features (~20x faster, same positives and order). "auto" =
     # use a cache when one already exists for this backbone / split / resolution.
     use_feature_cache: bool | Literal["auto"] = "auto"
+    # After training, replace the gradient-trained cluster centroids by spherical k-means on the
+    # training codes (k-means++, 10 restarts, lowest inertia; label-free). Off = the paper's
+    # probe; on CamVid it gained ~5 mIoU (docs/benchmarks.md).
+    kmeans_probe: bool = False
 
 
 @dataclass

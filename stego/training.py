@@ -254,7 +254,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # Keys that may change between a run and its resumption (they don't change the trajectory).
 RESUMABLE_CHANGES = {"train.steps", "train.devices", "train.num_nodes", "train.accelerator",
                      "train.val_every", "train.checkpoint_every", "train.log_every",
-                     "train.figure_every", "data.num_workers", "train.use_feature_cache"}
+                     "train.figure_every", "data.num_workers", "train.use_feature_cache",
+                     "train.kmeans_probe"}
 
 
 def _check_out_dir(config: StegoConfig, out_dir: Path, resume: bool) -> Path | None:
@@ -417,6 +418,8 @@ def train(config: StegoConfig, out_dir: str | Path, *, resume: bool = False,
             stray.unlink(missing_ok=True)
     trainer = _trainer(config, out_dir, data.val is not None, progress)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    if config.train.kmeans_probe:
+        _kmeans_probe(module, data, backbone, config, log=print if rank0 else None)
     trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         _save_model(module, backbone, config, info, out_dir / "model")
@@ -444,6 +447,29 @@ def _resolve_auto_shifts(config: StegoConfig, data: StegoDataModule, backbone: A
     if n_clusters < 2:
         raise StegoError("loss shifts 'auto' need a cluster count >= 2; set model.n_clusters")
     resolve_auto_shifts(config, feats, torch.as_tensor(nbrs), n_clusters, saved=saved, log=log)
+
+
+@torch.no_grad()
+def _kmeans_probe(module: StegoModule, data: StegoDataModule, backbone: Any,
+                  config: StegoConfig, log: Any) -> None:
+    """train.kmeans_probe: refit the cluster centroids by spherical k-means on training codes."""
+    from stego.calibration import LiveFeatures
+
+    pairs: Any = data.train_pairs
+    device = module.device
+    feats = pairs.cached.cache if isinstance(pairs, CachedPairDataset) else LiveFeatures(
+        backbone, pairs.dataset, device)
+    head = module.head
+    was_training = head.training
+    head.eval()  # no dropout: the codes inference sees
+    codes = torch.cat([head(torch.stack([feats[i] for i in range(s, min(s + 64, len(feats)))])
+                            .to(device)).code.cpu() for s in range(0, len(feats), 64)])
+    head.train(was_training)
+    g = torch.Generator().manual_seed(config.train.seed)
+    result = module.cluster_probe.fit_kmeans(codes, n_restarts=10, generator=g)
+    if log is not None:
+        log(f"cluster probe refit by spherical k-means on {codes.shape[0]} training codes "
+            f"(10 restarts, inertia {float(result.inertia):.1f})")
 
 
 def _save_model(module: StegoModule, backbone: Any, config: StegoConfig, info: Any,
