@@ -211,9 +211,10 @@ def resolve_auto_shifts(
     for key in keys:
         setattr(config.loss, key, chosen[key])
     if log is not None:
-        log("auto shifts (label-free calibration, K=%d): %s" % (n_clusters, ", ".join(
+        chosen_text = ", ".join(
             f"{SHIFT_KEYS[t]}={chosen[SHIFT_KEYS[t]]} (same-pseudo-class fraction "
-            f"{cal.same_fraction[t]:.3f})" for t in TERMS if SHIFT_KEYS[t] in keys)))
+            f"{cal.same_fraction[t]:.3f})" for t in TERMS if SHIFT_KEYS[t] in keys)
+        log(f"auto shifts (label-free calibration, K={n_clusters}): {chosen_text}")
     return cal
 
 

@@ -63,11 +63,24 @@ class StegoModule(L.LightningModule):
         run_config: the resolved config dict, stored in checkpoints (not read here).
     """
 
-    def __init__(self, *, head: nn.Module, loss: nn.Module, cluster_probe: nn.Module,
-                 linear_probe: nn.Module | None, backbone: nn.Module | None, lr: float,
-                 probe_lr: float, seed: int, global_batch: int, n_classes: int | None = None,
-                 extra_clusters: int = 0, figure_every: int = 0,
-                 palette: Any = None, run_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        head: nn.Module,
+        loss: nn.Module,
+        cluster_probe: nn.Module,
+        linear_probe: nn.Module | None,
+        backbone: nn.Module | None,
+        lr: float,
+        probe_lr: float,
+        seed: int,
+        global_batch: int,
+        n_classes: int | None = None,
+        extra_clusters: int = 0,
+        figure_every: int = 0,
+        palette: Any = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.head, self.loss, self.cluster_probe = head, loss, cluster_probe
         self.linear_probe = linear_probe
@@ -107,8 +120,12 @@ class StegoModule(L.LightningModule):
         coords2 = sample_coords(self.global_batch, s, generator=g)
         part = slice(rank * local_batch, (rank + 1) * local_batch)
         gp = step_generator(self.seed, step, _PERMS, rank)
-        perms = torch.stack([derangement(local_batch, generator=gp, mode=self.loss.derangement)
-                             for _ in range(self.loss.neg_samples)])
+        perms = torch.stack(
+            [
+                derangement(local_batch, generator=gp, mode=self.loss.derangement)
+                for _ in range(self.loss.neg_samples)
+            ]
+        )
         return coords1[part].to(self.device), coords2[part].to(self.device), perms.to(self.device)
 
     def _check_finite(self, step: int, values: dict[str, Tensor]) -> None:
@@ -129,13 +146,25 @@ class StegoModule(L.LightningModule):
         anchor = self.head(feat, generator=gd)  # code (b, D, h, w)
         positive = self.head(feat_pos, generator=gd)
         coords1, coords2, perms = self._draws(step, feat.shape[0])
-        out = self.loss(anchor.feat_for_loss, positive.feat_for_loss, anchor.code, positive.code,
-                        coords1=coords1, coords2=coords2, perms=perms)
+        out = self.loss(
+            anchor.feat_for_loss,
+            positive.feat_for_loss,
+            anchor.code,
+            positive.code,
+            coords1=coords1,
+            coords2=coords2,
+            perms=perms,
+        )
         code = anchor.code.detach()  # the probes never change the head
         cluster_loss = self.cluster_probe(code).loss
         total = out.total + cluster_loss
-        logs = {"loss/total": out.total, "loss/self": out.self_term, "loss/knn": out.knn_term,
-                "loss/random": out.random_term, "probe/cluster_loss": cluster_loss}
+        logs = {
+            "loss/total": out.total,
+            "loss/self": out.self_term,
+            "loss/knn": out.knn_term,
+            "loss/random": out.random_term,
+            "probe/cluster_loss": cluster_loss,
+        }
         if self.linear_probe is not None and "label" in batch:
             linear_loss = self.linear_probe.loss(code, batch["label"])
             total = total + linear_loss
@@ -145,16 +174,27 @@ class StegoModule(L.LightningModule):
             logs[f"corr/{term}_feat_mean"] = stats.fd_mean
             logs[f"corr/{term}_code_mean"] = stats.cd_mean
             logs[f"corr/{term}_attract_fraction"] = stats.attract_fraction
-        self.log_dict({k: v.detach().float() for k, v in logs.items()}, on_step=True,
-                      on_epoch=False, batch_size=feat.shape[0])
-        self.log("loss", out.total.detach().float(), prog_bar=True, logger=False,
-                 batch_size=feat.shape[0])
+        self.log_dict(
+            {k: v.detach().float() for k, v in logs.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=feat.shape[0],
+        )
+        self.log(
+            "loss",
+            out.total.detach().float(),
+            prog_bar=True,
+            logger=False,
+            batch_size=feat.shape[0],
+        )
         return total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
             self._check_finite(self.global_step, {"gradient norm": norm})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -180,8 +220,11 @@ class StegoModule(L.LightningModule):
             self.linear_metrics.update(self.linear_probe(full).argmax(1), labels)
         if batch_idx == 0 and self.global_rank == 0:
             n = min(4, images.shape[0])
-            self._figure_batch = {"image": images[:n].cpu(), "label": labels[:n].cpu(),
-                                  "pred": clusters[:n].cpu()}
+            self._figure_batch = {
+                "image": images[:n].cpu(),
+                "label": labels[:n].cpu(),
+                "pred": clusters[:n].cpu(),
+            }
 
     def on_validation_epoch_end(self) -> None:
         if self.cluster_metrics is None or self.trainer.sanity_checking:
@@ -214,21 +257,40 @@ class StegoModule(L.LightningModule):
 class StegoDataModule(L.LightningDataModule):
     """Dataloaders whose training order depends only on (seed, step): see StepSampler."""
 
-    def __init__(self, train_pairs: Dataset, train_indices: list[int], val: Dataset | None, *,
-                 global_batch: int, seed: int, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        train_pairs: Dataset,
+        train_indices: list[int],
+        val: Dataset | None,
+        *,
+        global_batch: int,
+        seed: int,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.train_pairs, self.train_indices, self.val = train_pairs, train_indices, val
         self.global_batch, self.seed, self.num_workers = global_batch, seed, num_workers
 
     def _loader(self, dataset: Dataset, batch: int, sampler: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=False)
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
-        sampler = StepSampler(self.train_indices, self.global_batch, self.seed,
-                              rank=t.global_rank, world_size=t.world_size,
-                              start_step=t.global_step)  # restored before this is called
+        sampler = StepSampler(
+            self.train_indices,
+            self.global_batch,
+            self.seed,
+            rank=t.global_rank,
+            world_size=t.world_size,
+            start_step=t.global_step,
+        )  # restored before this is called
         return self._loader(self.train_pairs, sampler.local_batch, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -242,8 +304,9 @@ class StegoDataModule(L.LightningDataModule):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temp file, fsynced, then renamed: ``last.ckpt`` is never torn."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         check_free_space(Path(path).parent, buffer.tell(), "the checkpoint")
@@ -252,10 +315,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # Keys that may change between a run and its resumption (they don't change the trajectory).
-RESUMABLE_CHANGES = {"train.steps", "train.devices", "train.num_nodes", "train.accelerator",
-                     "train.val_every", "train.checkpoint_every", "train.log_every",
-                     "train.figure_every", "data.num_workers", "train.use_feature_cache",
-                     "train.kmeans_probe"}
+RESUMABLE_CHANGES = {
+    "train.steps",
+    "train.devices",
+    "train.num_nodes",
+    "train.accelerator",
+    "train.val_every",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.figure_every",
+    "data.num_workers",
+    "train.use_feature_cache",
+    "train.kmeans_probe",
+}
 
 
 def _check_out_dir(config: StegoConfig, out_dir: Path, resume: bool) -> Path | None:
@@ -264,20 +336,29 @@ def _check_out_dir(config: StegoConfig, out_dir: Path, resume: bool) -> Path | N
     saved = out_dir / "config.yaml"
     if not resume:
         if last.exists() or saved.exists():
-            raise StegoError(f"{out_dir} already holds a run; pass --resume to continue it or "
-                             "choose another --out")
+            raise StegoError(
+                f"{out_dir} already holds a run; pass --resume to continue it or "
+                "choose another --out"
+            )
         return None
     if not last.is_file():
         raise StegoError(f"nothing to resume: {last} does not exist; run without --resume")
     if saved.is_file():
         old = StegoConfig.from_dict(yaml.safe_load(saved.read_text()), source=str(saved)).to_dict()
         new = config.to_dict()
-        diffs = [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in new for k in new[s]
-                 if old[s][k] != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES
-                 and new[s][k] != "auto"]  # "auto" shifts: the saved resolved values are reused
+        diffs = [
+            f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}"
+            for s in new
+            for k in new[s]
+            if old[s][k] != new[s][k]
+            and f"{s}.{k}" not in RESUMABLE_CHANGES
+            and new[s][k] != "auto"
+        ]  # "auto" shifts: the saved resolved values are reused
         if diffs:
-            raise StegoError(f"the config differs from the run in {out_dir} ({'; '.join(diffs)}); "
-                             "resume with the same settings or start a new --out")
+            raise StegoError(
+                f"the config differs from the run in {out_dir} ({'; '.join(diffs)}); "
+                "resume with the same settings or start a new --out"
+            )
     return last
 
 
@@ -294,8 +375,9 @@ def _device(accelerator: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_module(config: StegoConfig, backbone: Any, n_classes: int | None,
-                 palette: Any = None) -> StegoModule:
+def build_module(
+    config: StegoConfig, backbone: Any, n_classes: int | None, palette: Any = None
+) -> StegoModule:
     """The StegoModule of ``config`` (the one place that reads model/loss settings)."""
     from stego.heads import SegmentationHead
     from stego.losses import StegoLoss
@@ -309,16 +391,30 @@ def build_module(config: StegoConfig, backbone: Any, n_classes: int | None,
     loss = StegoLoss(
         shifts=(lo.pos_intra_shift, lo.pos_inter_shift, lo.neg_inter_shift),
         weights=(lo.pos_intra_weight, lo.pos_inter_weight, lo.neg_inter_weight),
-        n_samples=lo.feature_samples, neg_samples=lo.neg_samples, pointwise=lo.pointwise,
-        zero_clamp=lo.zero_clamp, stabilize=lo.stabilize, derangement=lo.derangement)
+        n_samples=lo.feature_samples,
+        neg_samples=lo.neg_samples,
+        pointwise=lo.pointwise,
+        zero_clamp=lo.zero_clamp,
+        stabilize=lo.stabilize,
+        derangement=lo.derangement,
+    )
     metrics_ok = n_classes is not None and n_clusters == n_classes + m.extra_clusters
     return StegoModule(
-        head=head, loss=loss, cluster_probe=ClusterProbe(head.out_dim, n_clusters),
+        head=head,
+        loss=loss,
+        cluster_probe=ClusterProbe(head.out_dim, n_clusters),
         linear_probe=LinearProbe(head.out_dim, n_classes) if n_classes else None,
-        backbone=backbone, lr=t.lr, probe_lr=t.probe_lr, seed=t.seed,
-        global_batch=config.data.batch_size, n_classes=n_classes if metrics_ok else None,
-        extra_clusters=m.extra_clusters, figure_every=t.figure_every, palette=palette,
-        run_config=config.to_dict())
+        backbone=backbone,
+        lr=t.lr,
+        probe_lr=t.probe_lr,
+        seed=t.seed,
+        global_batch=config.data.batch_size,
+        n_classes=n_classes if metrics_ok else None,
+        extra_clusters=m.extra_clusters,
+        figure_every=t.figure_every,
+        palette=palette,
+        run_config=config.to_dict(),
+    )
 
 
 def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoDataModule, Any]:
@@ -329,14 +425,30 @@ def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoData
     if d.data_root is None:
         raise StegoError("data.data_root is not set; pass --data-root DIR")
     info = dataset_info(d.dataset)
-    where = dict(name=info.name, crop_type=d.crop_type, resolution=d.resolution,
-                 data_root=d.data_root, cache_dir=d.cache_dir)
-    run = dict(device=_device(t.accelerator), batch_size=d.batch_size, num_workers=d.num_workers,
-               progress=progress)
+    where = dict(
+        name=info.name,
+        crop_type=d.crop_type,
+        resolution=d.resolution,
+        data_root=d.data_root,
+        cache_dir=d.cache_dir,
+    )
+    run = dict(
+        device=_device(t.accelerator),
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        progress=progress,
+    )
     backbone.check_size(d.resolution, d.resolution)
-    train_ds = open_split(info.name, d.data_root, d.split, resolution=d.resolution,
-                          interpolation=d.interpolation, crop_type=d.crop_type,
-                          crop_dir=d.crop_dir, skip_bad=d.skip_bad)
+    train_ds = open_split(
+        info.name,
+        d.data_root,
+        d.split,
+        resolution=d.resolution,
+        interpolation=d.interpolation,
+        crop_type=d.crop_type,
+        crop_dir=d.crop_dir,
+        skip_bad=d.skip_bad,
+    )
     cache = feature_cache(backbone, train_ds, t.use_feature_cache, split=d.split, **where, **run)
     nbrs = neighbor_table(backbone, train_ds, t.knn_k, split=d.split, cache=cache, **where, **run)
     has_labels = bool(getattr(train_ds, "has_labels", False))
@@ -348,15 +460,21 @@ def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoData
     else:
         pairs = LivePairDataset(train_ds, nbrs, t.num_neighbors, t.seed)
     if d.val_split is not None:
-        val: Dataset | None = open_split(info.name, d.data_root, d.val_split,
-                                         resolution=d.resolution, interpolation=d.interpolation,
-                                         crop_type="none")
+        val: Dataset | None = open_split(
+            info.name,
+            d.data_root,
+            d.val_split,
+            resolution=d.resolution,
+            interpolation=d.interpolation,
+            crop_type="none",
+        )
         train_idx = list(range(len(train_ds)))
     else:
         train_idx, held = split_holdout(len(train_ds), d.val_images if has_labels else 0, t.seed)
         val = Subset(train_ds, held) if held else None
-    module = StegoDataModule(pairs, train_idx, val, global_batch=d.batch_size, seed=t.seed,
-                             num_workers=d.num_workers)
+    module = StegoDataModule(
+        pairs, train_idx, val, global_batch=d.batch_size, seed=t.seed, num_workers=d.num_workers
+    )
     return module, info
 
 
@@ -366,28 +484,58 @@ def _trainer(config: StegoConfig, out_dir: Path, has_val: bool, progress: bool) 
 
     t = config.train
     ckpt_dir = out_dir / "checkpoints"
-    callbacks: list[Any] = [ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=t.checkpoint_every or t.steps,
-        save_top_k=-1, save_last=True, save_on_train_epoch_end=False, auto_insert_metric_name=False)]
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step-{step:06d}",
+            every_n_train_steps=t.checkpoint_every or t.steps,
+            save_top_k=-1,
+            save_last=True,
+            save_on_train_epoch_end=False,
+            auto_insert_metric_name=False,
+        )
+    ]
     if has_val and t.val_every:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/cluster_miou",
-                                         mode="max", save_top_k=1, auto_insert_metric_name=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="best",
+                monitor="val/cluster_miou",
+                mode="max",
+                save_top_k=1,
+                auto_insert_metric_name=False,
+            )
+        )
     world = t.devices * t.num_nodes
     return L.Trainer(
-        max_steps=t.steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy="ddp" if world > 1 else "auto", precision=t.precision,  # type: ignore[arg-type]
-        logger=[TensorBoardLogger(out_dir, name="logs", version="tensorboard"),
-                CSVLogger(out_dir, name="logs", version="csv")],
-        callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=out_dir,
+        max_steps=t.steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy="ddp" if world > 1 else "auto",
+        precision=t.precision,  # type: ignore[arg-type]
+        logger=[
+            TensorBoardLogger(out_dir, name="logs", version="tensorboard"),
+            CSVLogger(out_dir, name="logs", version="csv"),
+        ],
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=out_dir,
         val_check_interval=t.val_every if (has_val and t.val_every) else None,
-        check_val_every_n_epoch=None, limit_val_batches=1.0 if (has_val and t.val_every) else 0,
-        num_sanity_val_steps=0, log_every_n_steps=max(1, t.log_every),
-        enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
-        deterministic="warn" if torch.cuda.is_available() else True)
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if (has_val and t.val_every) else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, t.log_every),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        deterministic="warn" if torch.cuda.is_available() else True,
+    )
 
 
-def train(config: StegoConfig, out_dir: str | Path, *, resume: bool = False,
-          progress: bool = True) -> Path:
+def train(
+    config: StegoConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
+) -> Path:
     """Train a STEGO head and probes as ``config`` says; outputs go to ``out_dir``.
 
     Writes ``config.yaml``, ``checkpoints/`` (``last.ckpt``, one every
@@ -400,14 +548,23 @@ def train(config: StegoConfig, out_dir: str | Path, *, resume: bool = False,
     config.validate()
     out_dir = Path(out_dir).expanduser()
     rank0 = _env_rank() == 0
-    ckpt = _check_out_dir(config, out_dir, resume) if rank0 else (
-        out_dir / "checkpoints" / "last.ckpt" if resume else None)
+    ckpt = (
+        _check_out_dir(config, out_dir, resume)
+        if rank0
+        else (out_dir / "checkpoints" / "last.ckpt" if resume else None)
+    )
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     m = config.model
     backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
     data, info = _data(config, backbone, progress and rank0)
-    _resolve_auto_shifts(config, data, backbone, info.n_classes, out_dir if resume else None,
-                         log=print if rank0 else None)
+    _resolve_auto_shifts(
+        config,
+        data,
+        backbone,
+        info.n_classes,
+        out_dir if resume else None,
+        log=print if rank0 else None,
+    )
     # Reseed: building a table or cache draws from the global RNG, the initial weights must not
     # depend on whether it was built in this run.
     L.seed_everything(config.train.seed, workers=True, verbose=False)
@@ -426,8 +583,14 @@ def train(config: StegoConfig, out_dir: str | Path, *, resume: bool = False,
     return out_dir
 
 
-def _resolve_auto_shifts(config: StegoConfig, data: StegoDataModule, backbone: Any,
-                         n_classes: int | None, resumed: Path | None, log: Any) -> None:
+def _resolve_auto_shifts(
+    config: StegoConfig,
+    data: StegoDataModule,
+    backbone: Any,
+    n_classes: int | None,
+    resumed: Path | None,
+    log: Any,
+) -> None:
     """Calibrate ``loss.*_shift: auto`` on the training split (cache or live backbone)."""
     from stego.calibration import LiveFeatures, auto_shift_keys, resolve_auto_shifts
 
@@ -450,42 +613,65 @@ def _resolve_auto_shifts(config: StegoConfig, data: StegoDataModule, backbone: A
 
 
 @torch.no_grad()
-def _kmeans_probe(module: StegoModule, data: StegoDataModule, backbone: Any,
-                  config: StegoConfig, log: Any) -> None:
+def _kmeans_probe(
+    module: StegoModule, data: StegoDataModule, backbone: Any, config: StegoConfig, log: Any
+) -> None:
     """train.kmeans_probe: refit the cluster centroids by spherical k-means on training codes."""
     from stego.calibration import LiveFeatures
 
     pairs: Any = data.train_pairs
     device = module.device
-    feats = pairs.cached.cache if isinstance(pairs, CachedPairDataset) else LiveFeatures(
-        backbone, pairs.dataset, device)
+    feats = (
+        pairs.cached.cache
+        if isinstance(pairs, CachedPairDataset)
+        else LiveFeatures(backbone, pairs.dataset, device)
+    )
     head = module.head
     was_training = head.training
     head.eval()  # no dropout: the codes inference sees
-    codes = torch.cat([head(torch.stack([feats[i] for i in range(s, min(s + 64, len(feats)))])
-                            .to(device)).code.cpu() for s in range(0, len(feats), 64)])
+    codes = torch.cat(
+        [
+            head(
+                torch.stack([feats[i] for i in range(s, min(s + 64, len(feats)))]).to(device)
+            ).code.cpu()
+            for s in range(0, len(feats), 64)
+        ]
+    )
     head.train(was_training)
     g = torch.Generator().manual_seed(config.train.seed)
     result = module.cluster_probe.fit_kmeans(codes, n_restarts=10, generator=g)
     if log is not None:
-        log(f"cluster probe refit by spherical k-means on {codes.shape[0]} training codes "
-            f"(10 restarts, inertia {float(result.inertia):.1f})")
+        log(
+            f"cluster probe refit by spherical k-means on {codes.shape[0]} training codes "
+            f"(10 restarts, inertia {float(result.inertia):.1f})"
+        )
 
 
-def _save_model(module: StegoModule, backbone: Any, config: StegoConfig, info: Any,
-                directory: Path) -> None:
+def _save_model(
+    module: StegoModule, backbone: Any, config: StegoConfig, info: Any, directory: Path
+) -> None:
     """The inference model (backbone + head + probes) via stego.pretrained."""
     from stego.pretrained import save_pretrained
     from stego.segmenter import Segmenter, SegmenterMeta
 
     m = config.model
     meta = SegmenterMeta(
-        backbone=m.backbone, backbone_layer=m.layer, head_kind=m.head,
-        code_dim=module.head.out_dim, n_clusters=module.cluster_probe.n_clusters,
+        backbone=m.backbone,
+        backbone_layer=m.layer,
+        head_kind=m.head,
+        code_dim=module.head.out_dim,
+        n_clusters=module.cluster_probe.n_clusters,
         n_classes=module.linear_probe.n_classes if module.linear_probe is not None else None,
-        dataset=info.name, class_names=list(info.class_names) or None,
+        dataset=info.name,
+        class_names=list(info.class_names) or None,
         palette=info.palette.tolist() if len(info.palette) else None,
-        resolution=config.data.resolution)
-    model = Segmenter(backbone.cpu(), module.head.cpu().eval(), module.cluster_probe.cpu(),
-                      None if module.linear_probe is None else module.linear_probe.cpu(), meta)
+        resolution=config.data.resolution,
+    )
+    model = Segmenter(
+        backbone.cpu(),
+        module.head.cpu().eval(),
+        module.cluster_probe.cpu(),
+        None if module.linear_probe is None else module.linear_probe.cpu(),
+        meta,
+    )
     save_pretrained(model, directory, train_config=config.to_dict())

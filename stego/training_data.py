@@ -58,13 +58,25 @@ class StepSampler(Sampler[Key]):
         start_step: first global step to produce (the restored step when resuming).
     """
 
-    def __init__(self, indices: Sequence[int], global_batch: int, seed: int, *, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        indices: Sequence[int],
+        global_batch: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ) -> None:
         if not indices:
-            raise StegoError("no training images left (the held-out validation part took them "
-                             "all); lower data.val_images or set data.val_split")
+            raise StegoError(
+                "no training images left (the held-out validation part took them "
+                "all); lower data.val_images or set data.val_split"
+            )
         if global_batch % world_size:
-            raise StegoError(f"global batch {global_batch} is not divisible by {world_size} processes")
+            raise StegoError(
+                f"global batch {global_batch} is not divisible by {world_size} processes"
+            )
         self.indices = np.asarray(indices, dtype=np.int64)
         self.global_batch, self.seed = global_batch, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
@@ -75,7 +87,10 @@ class StepSampler(Sampler[Key]):
         """(N,) the training indices in the order of ``epoch``."""
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5A3))
-            self._perm = (epoch, self.indices[torch.randperm(len(self.indices), generator=g).numpy()])
+            self._perm = (
+                epoch,
+                self.indices[torch.randperm(len(self.indices), generator=g).numpy()],
+            )
         return self._perm[1]
 
     def key(self, position: int) -> Key:
@@ -111,11 +126,15 @@ def _as_key(key: Key | int) -> Key:
 
 def _check_table(neighbor_indices: Tensor, n: int, num_neighbors: int) -> np.ndarray:
     if neighbor_indices.ndim != 2 or neighbor_indices.shape[0] != n:
-        raise StegoError(f"neighbour table has shape {tuple(neighbor_indices.shape)} but the dataset "
-                         f"has {n} items; rebuild the table for this split (stego knn)")
+        raise StegoError(
+            f"neighbour table has shape {tuple(neighbor_indices.shape)} but the dataset "
+            f"has {n} items; rebuild the table for this split (stego knn)"
+        )
     if not 1 <= num_neighbors <= neighbor_indices.shape[1] - 1:
-        raise StegoError(f"train.num_neighbors must be in 1..{neighbor_indices.shape[1] - 1} "
-                         f"for a table of {neighbor_indices.shape[1]} neighbours, got {num_neighbors}")
+        raise StegoError(
+            f"train.num_neighbors must be in 1..{neighbor_indices.shape[1] - 1} "
+            f"for a table of {neighbor_indices.shape[1]} neighbours, got {num_neighbors}"
+        )
     return neighbor_indices.cpu().numpy()
 
 
@@ -126,8 +145,9 @@ class LivePairDataset(Dataset):
     Indexed by the ``(index, epoch)`` keys of :class:`StepSampler` (a plain int means epoch 0).
     """
 
-    def __init__(self, dataset: Dataset, neighbor_indices: Tensor, num_neighbors: int,
-                 seed: int) -> None:
+    def __init__(
+        self, dataset: Dataset, neighbor_indices: Tensor, num_neighbors: int, seed: int
+    ) -> None:
         self.dataset = dataset
         self.neighbors = _check_table(neighbor_indices, len(dataset), num_neighbors)  # type: ignore[arg-type]
         self.num_neighbors, self.seed = num_neighbors, seed
@@ -139,8 +159,12 @@ class LivePairDataset(Dataset):
         index, epoch = _as_key(key)
         pos = positive_index(self.neighbors[index], self.num_neighbors, self.seed, epoch, index)
         item, item_pos = self.dataset[index], self.dataset[pos]
-        out = {"image": item["image"], "image_pos": item_pos["image"], "index": index,
-               "index_pos": pos}
+        out = {
+            "image": item["image"],
+            "image_pos": item_pos["image"],
+            "index": index,
+            "index_pos": pos,
+        }
         if "label" in item:
             out["label"] = item["label"]
         return out
@@ -180,31 +204,72 @@ def split_holdout(n: int, n_holdout: int, seed: int) -> tuple[list[int], list[in
 
 
 # --------------------------------------------------------------------------- assembly
-def open_split(name: str, root: str | Path, split: str, *, resolution: int, interpolation: str,
-               crop_type: str, crop_dir: str | Path | None = None,
-               skip_bad: bool = False) -> Dataset:
+def open_split(
+    name: str,
+    root: str | Path,
+    split: str,
+    *,
+    resolution: int,
+    interpolation: str,
+    crop_type: str,
+    crop_dir: str | Path | None = None,
+    skip_bad: bool = False,
+) -> Dataset:
     """A split at the training transform: shorter side to ``resolution``, centre crop."""
     from stego.data import PairTransform, build_dataset
 
     transform = PairTransform(resolution, crop="center", interpolation=interpolation)  # type: ignore[arg-type]
     extra: dict[str, Any] = {"skip_bad": True} if (skip_bad and name == "folder") else {}
-    return build_dataset(name, root, split, transform=transform, crop_dir=crop_dir,
-                         crop_type=None if crop_type == "none" else crop_type, **extra)
+    return build_dataset(
+        name,
+        root,
+        split,
+        transform=transform,
+        crop_dir=crop_dir,
+        crop_type=None if crop_type == "none" else crop_type,
+        **extra,
+    )
 
 
-def _fingerprint(backbone: Any, dataset: Dataset, *, name: str, split: str, crop_type: str,
-                 resolution: int, data_root: str | Path) -> dict[str, Any]:
+def _fingerprint(
+    backbone: Any,
+    dataset: Dataset,
+    *,
+    name: str,
+    split: str,
+    crop_type: str,
+    resolution: int,
+    data_root: str | Path,
+) -> dict[str, Any]:
     from stego.fingerprint import backbone_fingerprint, item_paths
 
-    return backbone_fingerprint(backbone, dataset=name, split=split, crop_type=crop_type,
-                                resolution=resolution, paths=item_paths(dataset),
-                                data_root=str(Path(data_root)))
+    return backbone_fingerprint(
+        backbone,
+        dataset=name,
+        split=split,
+        crop_type=crop_type,
+        resolution=resolution,
+        paths=item_paths(dataset),
+        data_root=str(Path(data_root)),
+    )
 
 
-def feature_cache(backbone: Any, dataset: Dataset, use: bool | str, *, name: str, split: str,
-                  crop_type: str, resolution: int, data_root: str | Path, device: str,
-                  batch_size: int, num_workers: int, progress: bool,
-                  cache_dir: str | Path | None = None) -> Any | None:
+def feature_cache(
+    backbone: Any,
+    dataset: Dataset,
+    use: bool | str,
+    *,
+    name: str,
+    split: str,
+    crop_type: str,
+    resolution: int,
+    data_root: str | Path,
+    device: str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    cache_dir: str | Path | None = None,
+) -> Any | None:
     """Open (or, with ``use=True``, build) the feature cache of the split; None when not used.
 
     Lives where ``stego features`` writes by default, so either builds it for the other.
@@ -214,8 +279,15 @@ def feature_cache(backbone: Any, dataset: Dataset, use: bool | str, *, name: str
 
     if use is False:
         return None
-    fp = _fingerprint(backbone, dataset, name=name, split=split, crop_type=crop_type,
-                      resolution=resolution, data_root=data_root)
+    fp = _fingerprint(
+        backbone,
+        dataset,
+        name=name,
+        split=split,
+        crop_type=crop_type,
+        resolution=resolution,
+        data_root=data_root,
+    )
     root = artifact_dir(data_root, fp, cache_dir) / "features"
     manifest = root / "manifest.json"
     if use == "auto" and not manifest.is_file():
@@ -227,35 +299,72 @@ def feature_cache(backbone: Any, dataset: Dataset, use: bool | str, *, name: str
             if use == "auto":
                 return None  # stale or unfinished: train live rather than fail
             raise
-    return FeatureCache.build(backbone, dataset, root, dataset_name=name, split=split,
-                              crop_type=crop_type, resolution=resolution, data_root=data_root,
-                              batch_size=batch_size, device=device, num_workers=num_workers,
-                              progress=progress)
+    return FeatureCache.build(
+        backbone,
+        dataset,
+        root,
+        dataset_name=name,
+        split=split,
+        crop_type=crop_type,
+        resolution=resolution,
+        data_root=data_root,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
 
 
-def neighbor_table(backbone: Any, dataset: Dataset, k: int, *, name: str, split: str,
-                   crop_type: str, resolution: int, data_root: str | Path, device: str,
-                   batch_size: int, num_workers: int, progress: bool,
-                   cache: Any | None = None, cache_dir: str | Path | None = None) -> Tensor:
+def neighbor_table(
+    backbone: Any,
+    dataset: Dataset,
+    k: int,
+    *,
+    name: str,
+    split: str,
+    crop_type: str,
+    resolution: int,
+    data_root: str | Path,
+    device: str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    cache: Any | None = None,
+    cache_dir: str | Path | None = None,
+) -> Tensor:
     """(N, k) neighbour indices: loaded from ``stego knn``'s default file, or built and saved."""
     from stego.atomic import file_lock
     from stego.fingerprint import artifact_dir
     from stego.neighbors import NeighborTable, global_features, topk_cosine
 
-    fp = _fingerprint(backbone, dataset, name=name, split=split, crop_type=crop_type,
-                      resolution=resolution, data_root=data_root)
+    fp = _fingerprint(
+        backbone,
+        dataset,
+        name=name,
+        split=split,
+        crop_type=crop_type,
+        resolution=resolution,
+        data_root=data_root,
+    )
     path = artifact_dir(data_root, fp, cache_dir) / f"neighbors_k{k}.safetensors"
     with file_lock(path.with_name(path.name + ".build-lock")):  # DDP ranks build it once
         if not path.is_file():
             if cache is not None:
                 feats = cache.global_features()  # (N, C) from the same backbone pass
             else:
-                feats = global_features(backbone, dataset, batch_size=batch_size, device=device,
-                                        num_workers=num_workers, progress=progress)
+                feats = global_features(
+                    backbone,
+                    dataset,
+                    batch_size=batch_size,
+                    device=device,
+                    num_workers=num_workers,
+                    progress=progress,
+                )
             indices = topk_cosine(feats, min(k, len(feats)), device=device).cpu()
             NeighborTable(indices, fp).save(path)
         table = NeighborTable.load(path, fp)
     if table.k < 2:
-        raise StegoError(f"neighbour table {path} has {table.k} column(s); the split needs at "
-                         "least 2 images")
+        raise StegoError(
+            f"neighbour table {path} has {table.k} column(s); the split needs at least 2 images"
+        )
     return table.indices

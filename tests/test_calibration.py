@@ -193,13 +193,12 @@ def test_cli_calibrate_writes_shifts_and_figure(data_root: Path, tmp_path: Path,
 
 
 def test_kmeans_probe_refits_the_centroids(data_root: Path, tmp_path: Path, capsys) -> None:
-    from stego.probes import spherical_kmeans  # noqa: F401  (the rule used)
     from stego.pretrained import load
+    from stego.training import train
 
     overrides = tiny(data_root, tmp_path, 2, **{"train.use_feature_cache": True,
                                                 "train.kmeans_probe": True})
-    run = __import__("stego.training", fromlist=["train"]).train(
-        load_config(overrides=overrides), tmp_path / "km", progress=False)
+    run = train(load_config(overrides=overrides), tmp_path / "km", progress=False)
     assert "refit by spherical k-means" in capsys.readouterr().out
     centroids = load(run / "model").cluster_probe.clusters.detach()
     # k-means centroids are unit-norm; the gradient-trained probe's randn rows are not

@@ -69,8 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
     from stego.atomic import atomic_write
     from stego.backbones import build_backbone
-    from stego.calibration import TERMS, SHIFT_KEYS, calibrate_shifts, histogram_figure, \
-        shifts_config
+    from stego.calibration import (
+        SHIFT_KEYS,
+        TERMS,
+        calibrate_shifts,
+        histogram_figure,
+        shifts_config,
+    )
     from stego.commands.features import resolve_device
     from stego.data import dataset_info
     from stego.errors import StegoError
@@ -97,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_pointwise:
         fragment["loss"]["pointwise"] = False
     header = (f"# stego calibrate: {info.name}/{args.split}, {args.backbone} layer "
-              f"{args.layer or 'last'}, res {args.resolution}, K={args.clusters}, seed {args.seed}\n"
+              f"{args.layer or 'last'}, res {args.resolution}, K={args.clusters}, "
+              f"seed {args.seed}\n"
               "# same-pseudo-class fractions: "
               + ", ".join(f"{t} {cal.same_fraction[t]:.3f}" for t in TERMS) + "\n")
     with atomic_write(args.out / "shifts.yaml", "w") as handle:
