@@ -310,3 +310,46 @@ def test_with_tiny_vit():
     assert feats.shape == (10, bb.embed_dim)
     assert torch.allclose(feats.norm(dim=1), torch.ones(10), atol=1e-4)
     assert torch.equal(topk_cosine(feats, 4)[:, 0], torch.arange(10))
+
+
+def test_knn_command_reuses_the_feature_cache(tmp_path) -> None:
+    """`stego knn` after `stego features` takes the cache's global features: same table, and no
+    second backbone pass (the cache's global features are deliberately altered to prove it)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from stego.cli import main
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    common = [
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(images),
+        "--split",
+        "all",
+        "--backbone",
+        "tiny-vit",
+        "--resolution",
+        "32",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
+    assert main(["features", *common]) == 0
+    assert main(["knn", *common, "--k", "3", "--out", str(tmp_path / "a.safetensors")]) == 0
+    (shard,) = list((tmp_path / "c").rglob("global-*.npy"))
+    feats = np.load(shard)
+    np.save(shard, feats[::-1].copy())  # reversed order: neighbours must follow the cache
+    assert main(["knn", *common, "--k", "3", "--out", str(tmp_path / "b.safetensors")]) == 0
+    a = load_file(str(tmp_path / "a.safetensors"))["indices"]
+    b = load_file(str(tmp_path / "b.safetensors"))["indices"]
+    assert not (a == b).all()
+    assert ((5 - b.flip(0)) == a).all()  # the same table on reversed items

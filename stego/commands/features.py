@@ -8,6 +8,7 @@ The same pass stores the global features, so ``stego knn --features DIR`` needs 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         type=Path,
         help="folder holding the datasets; outputs go under <data-root>/stego-cache/ by default",
+    )
+    parser.add_argument(
+        "--crop-dir",
+        type=Path,
+        default=None,
+        help="where `stego crop --out` wrote the five-crops (default: <data-root>/cropped)",
     )
     parser.add_argument(
         "--cache-dir",
@@ -83,8 +90,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=4,
-        help="data loading worker processes (default: 4; 0 loads in the main process)",
+        default=min(4, os.cpu_count() or 1),
+        help="data loading worker processes (default: the CPU count, at most 4; 0 loads in the "
+        "main process)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -105,6 +113,7 @@ def build_dataset_from_args(args: argparse.Namespace) -> Any:
         args.split,
         transform=PairTransform(args.resolution, crop="center"),
         crop_type=None if args.crop_type == "none" else args.crop_type,
+        crop_dir=args.crop_dir,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from stego.commands.features import (
     add_common_arguments,
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from stego.errors import StegoError
-    from stego.fingerprint import artifact_dir, backbone_fingerprint
+    from stego.fingerprint import artifact_dir, backbone_fingerprint, item_paths
     from stego.neighbors import NeighborTable, collect_global_features, topk_cosine
 
     device = resolve_device(args.device)
@@ -105,24 +106,25 @@ def run(args: argparse.Namespace) -> int:
         feats = cache.global_features()
     else:
         backbone, dataset = build_inputs(args)
-        result = collect_global_features(
-            backbone,
-            dataset,
-            batch_size=args.batch_size,
-            device=device,
-            num_workers=args.num_workers,
-            progress=not args.quiet,
-        )
-        feats = result.feat
         fp = backbone_fingerprint(
             backbone,
             dataset=args.dataset,
             split=args.split,
             crop_type=args.crop_type,
             resolution=args.resolution,
-            paths=result.paths,
+            paths=item_paths(dataset),
             data_root=args.data_root,
         )
+        feats = _cached_global_features(artifact_dir(args.data_root, fp, args.cache_dir), fp)
+        if feats is None:
+            feats = collect_global_features(
+                backbone,
+                dataset,
+                batch_size=args.batch_size,
+                device=device,
+                num_workers=args.num_workers,
+                progress=not args.quiet,
+            ).feat
     fp["data_root"] = str(args.data_root)
     groups = None
     if args.exclude_siblings:
@@ -146,3 +148,19 @@ def run(args: argparse.Namespace) -> int:
     NeighborTable(indices, fp).save(out)
     print(f"neighbour table written: {out} ({indices.shape[0]} items x {indices.shape[1]})")
     return 0
+
+
+def _cached_global_features(folder: Path, fp: dict) -> Any:
+    """Global features of the feature cache `stego features` wrote for the same fingerprint
+    (saves a second backbone pass), or None when there is none or it is stale."""
+    from stego.errors import StegoError
+    from stego.feature_cache import FeatureCache
+
+    if not (folder / "features" / "manifest.json").is_file():
+        return None
+    try:
+        cache = FeatureCache.open(folder / "features", fp)
+    except StegoError:
+        return None
+    print(f"using the global features of the feature cache in {folder / 'features'}")
+    return cache.global_features()
