@@ -41,8 +41,9 @@ Unsupervised semantic segmentation with STEGO.
 Quick start on your own images:   stego segment DIR --clusters K --out OUT
 Research pipeline (paper datasets):
   1. stego crop      five-crop a training split once (COCO-Stuff, Cityscapes)
-  2. stego features  cache frozen backbone features (optional, makes training ~20x faster)
+  2. stego features  cache frozen backbone features (optional; training then skips the backbone)
   3. stego knn       nearest-neighbour table of training images
+     stego calibrate (optional) propose the loss shifts from your data, without labels
   4. stego train     train the segmentation head and probes
   5. stego eval      the paper's evaluation protocol (Hungarian-matched accuracy / mIoU)
 Then: stego predict, stego report, stego convert-official, stego export-onnx.
