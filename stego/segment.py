@@ -3,12 +3,12 @@
 The whole method in one call, with label-free defaults:
 
 1. five-crop the images when the folder is small (more, smaller views to learn from);
-2. cache the frozen backbone's features and build the nearest-neighbour table (one pass);
-3. choose the loss shifts from the data itself (:mod:`stego.calibration`);
-4. train the segmentation head (:func:`stego.training.train`);
-5. fit the cluster probe by cosine k-means with restarts on the learnt codes (lowest inertia
-   wins: no labels needed, and steadier than the online probe alone);
-6. predict every image at its own size (:func:`stego.prediction.predict_paths`), optionally with
+2. train with :func:`stego.training.train`, which caches the frozen backbone's features and
+   builds the nearest-neighbour table (one pass), chooses the loss shifts from the data itself
+   (``"auto"``, :mod:`stego.calibration`), trains the head, and refits the cluster probe by
+   cosine k-means with restarts on the learnt codes (``train.kmeans_probe``: lowest inertia
+   wins, no labels needed, and steadier than the online probe alone);
+3. predict every image at its own size (:func:`stego.prediction.predict_paths`), optionally with
    the dense CRF, and write a contact sheet and a summary.
 
 Every stage writes its results atomically into ``OUT/`` and skips work already done, so an
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+import yaml
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
@@ -33,6 +33,7 @@ from stego.errors import StegoError
 __all__ = ["SegmentSettings", "segment_folder", "default_backbone", "choose_steps"]
 
 FIVE_CROP_BELOW = 500  # folders smaller than this are five-cropped (5x the training views)
+SHIFT_KEYS = (("self", "pos_intra"), ("knn", "pos_inter"), ("random", "neg_inter"))
 
 
 @dataclass
@@ -75,7 +76,7 @@ def choose_steps(n_items: int) -> int:
 
 def _stage(number: int, text: str, progress: bool) -> None:
     if progress:
-        print(f"[{number}/6] {text}", flush=True)
+        print(f"[{number}/3] {text}", flush=True)
 
 
 def _config(input_dir: Path, work: Path, s: SegmentSettings, n_items: int, skip_bad: bool) -> Any:
@@ -97,56 +98,10 @@ def _config(input_dir: Path, work: Path, s: SegmentSettings, n_items: int, skip_
     t.knn_k = min(30, n_items)
     t.num_neighbors = max(1, min(7, t.knn_k - 1))
     t.use_feature_cache = True
+    # Label-free choices: shifts calibrated on the data, clusters refit by k-means on the codes.
+    lo.pos_intra_shift = lo.pos_inter_shift = lo.neg_inter_shift = "auto"
+    t.kmeans_probe = True
     return config
-
-
-def _prepare(config: Any, progress: bool) -> tuple[Any, Any, torch.Tensor]:
-    """Backbone, feature cache and neighbour table of the training views (built once)."""
-    from stego.backbones import build_backbone
-    from stego.training import _device
-    from stego.training_data import feature_cache, neighbor_table, open_split
-
-    d, m, t = config.data, config.model, config.train
-    backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
-    dataset = open_split(
-        "folder",
-        d.data_root,
-        d.split,
-        resolution=d.resolution,
-        interpolation=d.interpolation,
-        crop_type=d.crop_type,
-        crop_dir=d.crop_dir,
-        skip_bad=d.skip_bad,
-    )
-    where = dict(
-        name="folder",
-        split=d.split,
-        crop_type=d.crop_type,
-        resolution=d.resolution,
-        data_root=d.data_root,
-        cache_dir=d.cache_dir,
-        device=_device(t.accelerator),
-        batch_size=d.batch_size,
-        num_workers=d.num_workers,
-        progress=progress,
-    )
-    cache = feature_cache(backbone, dataset, True, **where)
-    neighbors = neighbor_table(backbone, dataset, t.knn_k, cache=cache, **where)
-    return backbone, cache, neighbors
-
-
-def _fit_probe(model: Any, cache: Any, clusters: int, seed: int) -> None:
-    """Replace the cluster probe's centres by cosine k-means (5 restarts) on the codes."""
-    from stego.probes import spherical_kmeans
-
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(cache), generator=generator)[:1000].tolist()
-    model.head.eval()
-    with torch.no_grad():
-        codes = torch.cat([model.head(cache[i][None]).code for i in sorted(pick)])  # (M,D,h,w)
-    result = spherical_kmeans(codes, clusters, n_restarts=5, generator=generator)
-    with torch.no_grad():
-        model.cluster_probe.clusters.copy_(result.centroids)
 
 
 def _contact_sheet(out: Path, max_images: int = 24, thumb: int = 160) -> Path | None:
@@ -203,7 +158,6 @@ def segment_folder(
     ``model/`` (loadable by ``stego predict`` / :func:`stego.load`), ``contact_sheet.png`` and
     ``summary.json``. Returns the summary.
     """
-    from stego.calibration import calibrate_shifts
     from stego.prediction import collect_images, predict_paths
     from stego.pretrained import load, save_pretrained
     from stego.training import train
@@ -246,36 +200,26 @@ def segment_folder(
         _stage(1, f"{len(images)} images: large enough, no five-crop", progress)
     timings["crop"] = time.perf_counter() - start
     config = _config(input_dir, work, s, n_items, skip_bad)
-    _stage(2, f"features and neighbours ({s.backbone}, {n_items} views)", progress)
-    _, cache, neighbors = _prepare(config, progress)
-    timings["features_knn"] = time.perf_counter() - start - sum(timings.values())
-    _stage(3, "choosing the loss shifts from the data (no labels)", progress)
-    cal = calibrate_shifts(
-        cache,
-        neighbors,
-        clusters,
-        num_neighbors=config.train.num_neighbors,
-        pointwise=config.loss.pointwise,
-        seed=seed,
+    _stage(
+        2,
+        f"features, neighbours, loss shifts from the data, {s.steps} training steps and "
+        f"the k-means cluster fit ({s.backbone}, {n_items} views)",
+        progress,
     )
-    s.shifts = {k: round(v, 4) for k, v in cal.shifts.items()}
-    lo = config.loss
-    lo.pos_intra_shift, lo.pos_inter_shift, lo.neg_inter_shift = cal.as_tuple()
-    timings["calibrate"] = time.perf_counter() - start - sum(timings.values())
-    _stage(4, f"training the head for {s.steps} steps", progress)
     run = work / "run"
     if not (run / "model" / "config.json").is_file():
         last = run / "checkpoints" / "last.ckpt"
         if run.exists() and not last.is_file():
             shutil.rmtree(run)  # stopped before its first checkpoint: nothing worth keeping
         train(config, run, resume=last.is_file(), progress=progress)
-    timings["train"] = time.perf_counter() - start - sum(timings.values())
-    _stage(5, "fitting the clusters (k-means on codes, 5 restarts)", progress)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
+    s.shifts = {term: round(float(resolved[f"{key}_shift"]), 4) for term, key in SHIFT_KEYS}
     model = load(run / "model")
-    _fit_probe(model, cache, clusters, seed)
-    save_pretrained(model, out / "model", train_config=config.to_dict())
-    timings["clusters"] = time.perf_counter() - start - sum(timings.values())
-    _stage(6, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
+    save_pretrained(
+        model, out / "model", train_config=yaml.safe_load((run / "config.yaml").read_text())
+    )
+    timings["train"] = time.perf_counter() - start - sum(timings.values())
+    _stage(3, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
     result = predict_paths(model, [input_dir], out, crf=crf, skip_bad=skip_bad, progress=progress)
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
     sheet = _contact_sheet(out)
