@@ -125,6 +125,10 @@ class TrainConfig:
     # training codes (k-means++, 10 restarts, lowest inertia; label-free). Off = the paper's
     # probe; on CamVid it gained ~5 mIoU (docs/benchmarks.md).
     kmeans_probe: bool = False
+    # The linear probe (labels only; it never changes the head) is trained on logits upsampled
+    # to at most this many times the feature map (labels resized nearest-exact); 0 = the label
+    # size, as the original. Evaluation always scores every label pixel.
+    linear_probe_upsample: int = 4
 
 
 @dataclass
@@ -192,6 +196,7 @@ class StegoConfig:
                 f"train.num_neighbors ({t.num_neighbors}) must be smaller than train.knn_k "
                 f"({t.knn_k}): rank 0 of the table is the image itself"
             )
+        _at_least("train.linear_probe_upsample", t.linear_probe_upsample, 0)
         for name in ("val_every", "checkpoint_every", "log_every", "figure_every"):
             _at_least(f"train.{name}", getattr(t, name), 0)
         _positive("train.devices", t.devices)
@@ -246,8 +251,11 @@ def _coerce(tp: Any, value: Any) -> Any:
     """Return ``value`` as type ``tp`` or ``_NO_MATCH``; never converts between bool and int."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return value if any(value == a and type(value) is type(a) for a in typing.get_args(tp)) \
+        return (
+            value
+            if any(value == a and type(value) is type(a) for a in typing.get_args(tp))
             else _NO_MATCH
+        )
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             out = _coerce(arg, value)

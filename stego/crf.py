@@ -15,6 +15,7 @@ This module imports neither torch nor pydensecrf at import time, so worker proce
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "dense_crf_batch",
     "dense_crf_labels",
     "image_to_uint8",
+    "shutdown_pools",
     "unary_energy",
     "upsample_probs",
 ]
@@ -215,6 +217,32 @@ def _stop_workers(executor: cf.ProcessPoolExecutor) -> None:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
+# One pool per worker count, kept for the life of the process: `predict` and `eval` call the
+# CRF once per few images, and a fresh pool per call paid the process start-up every time
+# (which made 2 workers slower than 1 on this project's 2-core benchmark machine).
+_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    """The kept pool of ``workers`` spawned processes (spawn: safe with torch/CUDA threads)."""
+    executor = _POOLS.get(workers)
+    if executor is None:
+        ctx = multiprocessing.get_context("spawn")
+        executor = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        _POOLS[workers] = executor
+    return executor
+
+
+def shutdown_pools() -> None:
+    """Stop the kept CRF worker processes (also done at interpreter exit)."""
+    while _POOLS:
+        _, executor = _POOLS.popitem()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown_pools)
+
+
 def _run_pool(
     fn: Callable[..., Any],
     tasks: Sequence[tuple[Any, ...]],
@@ -223,13 +251,16 @@ def _run_pool(
     timeout: float | None,
     what: str,
 ) -> list[Any]:
-    """Run fn(*task) for each task in spawned worker processes; results in task order.
+    """Run fn(*task) for each task in the kept worker pool; results in task order.
 
     Raises StegoError naming the task index when fn raises, when a worker dies, or when the
-    whole run exceeds ``timeout`` seconds (then the workers are killed).
+    whole run exceeds ``timeout`` seconds (then the workers are killed and the pool dropped).
     """
-    ctx = multiprocessing.get_context("spawn")  # safe with torch/CUDA/threads in the parent
-    executor = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    executor = _pool(workers)
+    if getattr(executor, "_broken", False):  # a worker died since the last call: start afresh
+        _POOLS.pop(workers, None)
+        _stop_workers(executor)
+        executor = _pool(workers)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         futures = {executor.submit(fn, *task): i for i, task in enumerate(tasks)}
@@ -256,9 +287,9 @@ def _run_pool(
         results = [None] * len(tasks)
         for future, i in futures.items():
             results[i] = future.result()
-        executor.shutdown(wait=True)
         return results
     except BaseException:
+        _POOLS.pop(workers, None)
         _stop_workers(executor)
         raise
 

@@ -120,20 +120,31 @@ def _crf_argmax(
 
 
 def _predict(
-    model: Segmenter, images: Tensor, size: tuple[int, int], *, flip: bool, crf: bool,
-    crf_workers: int | None, use_linear: bool,
+    model: Segmenter,
+    images: Tensor,
+    size: tuple[int, int],
+    *,
+    flip: bool,
+    crf: bool,
+    crf_workers: int | None,
+    use_linear: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Cluster ids (B, H, W) and linear ids (B, H, W) or None, at label size ``size``."""
+    if not crf:  # ids only: the cheaper exact argmax (Segmenter.labels)
+        with_linear = use_linear and model.linear_probe is not None
+        probes = ("cluster", "linear") if with_linear else ("cluster",)
+        ids = model.labels_by_probe(images, flip=flip, size=size, probes=probes)
+        return ids["cluster"], ids.get("linear")
     out = model(images, flip=flip, size=size)
     maps = [out.cluster_log_probs]  # (B, K, H, W)
     if use_linear and out.linear_log_probs is not None:
         maps.append(out.linear_log_probs)  # (B, n, H, W)
-    if crf:
-        at_size = images if images.shape[-2:] == size else F.interpolate(
-            images, size=size, mode="bilinear", align_corners=False)
-        preds = _crf_argmax(maps, images_to_uint8(at_size), crf_workers)
-    else:
-        preds = [m.argmax(1) for m in maps]
+    at_size = (
+        images
+        if images.shape[-2:] == size
+        else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    )
+    preds = _crf_argmax(maps, images_to_uint8(at_size), crf_workers)
     return preds[0], preds[1] if len(preds) > 1 else None
 
 
@@ -213,8 +224,9 @@ def evaluate(
         images = torch.stack([it["image"] for it in items]).to(device)  # (B, 3, H, W)
         labels = torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)  # (B, H, W)
         size = (int(labels.shape[-2]), int(labels.shape[-1]))
-        cluster, linear = _predict(model, images, size, flip=flip, crf=crf,
-                                   crf_workers=crf_workers, use_linear=use_linear)
+        cluster, linear = _predict(
+            model, images, size, flip=flip, crf=crf, crf_workers=crf_workers, use_linear=use_linear
+        )
         cluster_metric.update(cluster, labels)
         if linear is not None:
             linear_metric.update(linear, labels)
@@ -232,8 +244,9 @@ def evaluate(
         Example(img, lab, map_clusters(clu, cluster_scores.assignment), lin, name)
         for img, lab, clu, lin, name in raw
     ]
-    return EvalResult(cluster_scores, linear_scores, examples, n_images, names, crf, flip, extra,
-                      rule)
+    return EvalResult(
+        cluster_scores, linear_scores, examples, n_images, names, crf, flip, extra, rule
+    )
 
 
 def _progress(dataset: Any, enabled: bool) -> Any:
@@ -246,8 +259,13 @@ def _progress(dataset: Any, enabled: bool) -> Any:
 
 
 def _keep_examples(
-    raw: list[Any], items: list[dict[str, Any]], images: Tensor, labels: Tensor,
-    cluster: Tensor, linear: Tensor | None, limit: int,
+    raw: list[Any],
+    items: list[dict[str, Any]],
+    images: Tensor,
+    labels: Tensor,
+    cluster: Tensor,
+    linear: Tensor | None,
+    limit: int,
 ) -> None:
     """Append (image u8 at label size, label, cluster ids, linear ids, name) until ``limit``."""
     take = min(limit - len(raw), len(items))
@@ -361,11 +379,18 @@ def _segmenter_from_state(
             module.load_state_dict(own)
     info = dataset_info(config.data.dataset)
     meta = SegmenterMeta(
-        backbone=m.backbone, backbone_layer=m.layer, head_kind=m.head, code_dim=head.out_dim,
-        n_clusters=cluster.n_clusters, n_classes=None if linear is None else linear.n_classes,
-        dataset=info.name, class_names=list(info.class_names) or None,
+        backbone=m.backbone,
+        backbone_layer=m.layer,
+        head_kind=m.head,
+        code_dim=head.out_dim,
+        n_clusters=cluster.n_clusters,
+        n_classes=None if linear is None else linear.n_classes,
+        dataset=info.name,
+        class_names=list(info.class_names) or None,
         palette=info.palette.tolist() if len(info.palette) else None,
-        resolution=config.data.resolution, backbone_digest=backbone.weights_digest)
+        resolution=config.data.resolution,
+        backbone_digest=backbone.weights_digest,
+    )
     return Segmenter(backbone, head, cluster, linear, meta), config.to_dict()
 
 
@@ -445,8 +470,13 @@ def load_examples(path: str | Path) -> list[Example]:
     with np.load(path, allow_pickle=False) as data:
         names = [str(n) for n in data["names"]]
         return [
-            Example(data[f"image_{i}"], data[f"label_{i}"], data[f"cluster_{i}"],
-                    data[f"linear_{i}"] if f"linear_{i}" in data.files else None, name)
+            Example(
+                data[f"image_{i}"],
+                data[f"label_{i}"],
+                data[f"cluster_{i}"],
+                data[f"linear_{i}"] if f"linear_{i}" in data.files else None,
+                name,
+            )
             for i, name in enumerate(names)
         ]
 
@@ -457,8 +487,13 @@ def write_outputs(result: EvalResult, out: str | Path, palette: np.ndarray, **in
     out.mkdir(parents=True, exist_ok=True)
     data = metrics_dict(result, palette=np.asarray(palette).astype(int).tolist(), **info)
     names = result.class_names
-    confusion_figure(result.cluster.confusion, names, out / "confusion.png",
-                     assignment=result.cluster.assignment, title="cluster probe (Hungarian)")
+    confusion_figure(
+        result.cluster.confusion,
+        names,
+        out / "confusion.png",
+        assignment=result.cluster.assignment,
+        title="cluster probe (Hungarian)",
+    )
     series = {"cluster": data["cluster"]["iou"]}
     if "linear" in data:
         series["linear"] = data["linear"]["iou"]
@@ -543,15 +578,30 @@ def evaluate_checkpoint(
         split = "all"
     data = build_dataset(name, data_root, split, transform=transform, **extra)
     result = evaluate(
-        model, data, n_classes=len(class_names), class_names=class_names, crf=crf,
-        crf_workers=crf_workers, flip=flip, batch_size=batch_size, device=device, rule=rule,
-        progress=progress, n_figure_images=n_figure_images,
+        model,
+        data,
+        n_classes=len(class_names),
+        class_names=class_names,
+        crf=crf,
+        crf_workers=crf_workers,
+        flip=flip,
+        batch_size=batch_size,
+        device=device,
+        rule=rule,
+        progress=progress,
+        n_figure_images=n_figure_images,
     )
     settings = {"full_frame": full_frame, "resolution": resolution, "batch_size": batch_size}
     result.settings = settings
     write_outputs(
-        result, out, palette, dataset=name, split=split, checkpoint=str(loaded.source),
-        config=loaded.config, eval_settings=settings,
+        result,
+        out,
+        palette,
+        dataset=name,
+        split=split,
+        checkpoint=str(loaded.source),
+        config=loaded.config,
+        eval_settings=settings,
     )
     if echo is not None:
         echo(f"{name} / {split}: {result.n_images} images, crf={crf}, flip={flip}, rule={rule}")

@@ -60,11 +60,15 @@ def feature_correlation(f1: Tensor, f2: Tensor, *, pointwise: bool = True) -> Te
     ``F1 = F0 - mean_{i,j} F0`` (the tiny ``mean_all(F1)`` is subtracted as in the original).
     """
     with torch.no_grad():
-        fd = correlation(normalize(f1), normalize(f2))  # (B, h, w, h', w')
-        if pointwise:
-            old_mean = fd.mean()
-            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
-            fd = fd - fd.mean() + old_mean
+        return _centre(correlation(normalize(f1), normalize(f2)), pointwise)
+
+
+def _centre(fd: Tensor, pointwise: bool) -> Tensor:
+    """The ``pointwise`` centring of :func:`feature_correlation` on fd (B, h, w, h', w')."""
+    if pointwise:
+        old_mean = fd.mean()
+        fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+        fd = fd - fd.mean() + old_mean
     return fd
 
 
@@ -94,15 +98,23 @@ def correlation_parts(
     pointwise: bool = True,
     zero_clamp: bool = True,
     stabilize: bool = False,
+    normalized: bool = False,
 ) -> CorrelationParts:
     """Loss map, feature correlation and code correlation of one STEGO term.
 
     f1 (B, C, h, w), f2 (B, C, h', w'), c1 (B, D, h, w), c2 (B, D, h', w'); ``shift`` is the
     term's b. ``zero_clamp`` clamps cd at 0 from below (else at -9999); ``stabilize`` also clamps
-    it at 0.8 from above. Returns :class:`CorrelationParts`, each (B, h, w, h', w').
+    it at 0.8 from above. ``normalized``: the four inputs are already unit-norm over channels
+    (as :func:`normalize` returns them), so they are not normalised again.
+    Returns :class:`CorrelationParts`, each (B, h, w, h', w').
     """
-    fd = feature_correlation(f1, f2, pointwise=pointwise)
-    cd = code_correlation(c1, c2)
+    if normalized:
+        with torch.no_grad():
+            fd = _centre(correlation(f1, f2), pointwise)
+        cd = correlation(c1, c2)
+    else:
+        fd = feature_correlation(f1, f2, pointwise=pointwise)
+        cd = code_correlation(c1, c2)
     lo = 0.0 if zero_clamp else -9999.0
     clamped = cd.clamp(lo, 0.8) if stabilize else cd.clamp(min=lo)
     loss = -clamped * (fd - shift)
@@ -219,7 +231,7 @@ class TermStats(NamedTuple):
     """
 
     fd_mean: Tensor  # mean of the (centred) feature correlation
-    fd_quantiles: Tensor  # (Q,) quantiles of fd at StegoLoss.quantiles (on a subsample if large)
+    fd_quantiles: Tensor  # (Q,) quantiles of fd at StegoLoss.quantiles (subsampled); Q may be 0
     cd_mean: Tensor  # mean of the unclamped code correlation
     attract_fraction: Tensor  # fraction of pairs with fd > shift
 
@@ -237,11 +249,14 @@ class StegoLossOutput(NamedTuple):
 def _term_stats(parts: CorrelationParts, shift: float, levels: Tensor, max_elems: int) -> TermStats:
     """Cheap detached statistics of one term (strided subsample for the quantiles)."""
     fd = parts.fd.detach().reshape(-1)
-    step = max(1, math.ceil(fd.numel() / max_elems))
-    sub = fd[::step].float()
+    quantiles = fd.new_zeros(0)
+    if levels.numel():  # a sort: ~2 ms per term on a CPU, so only on request
+        step = max(1, math.ceil(fd.numel() / max_elems))
+        sub = fd[::step].float()
+        quantiles = torch.quantile(sub, levels.to(sub.device))
     return TermStats(
         fd_mean=fd.mean(),
-        fd_quantiles=torch.quantile(sub, levels.to(sub.device)),
+        fd_quantiles=quantiles,
         cd_mean=parts.cd.detach().mean(),
         attract_fraction=(fd > shift).float().mean(),
     )
@@ -273,7 +288,7 @@ class StegoLoss(nn.Module):
         zero_clamp: bool = True,
         stabilize: bool = False,
         derangement: str = "true",
-        quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
+        quantiles: tuple[float, ...] = (),
         max_stat_elements: int = 1 << 16,
     ) -> None:
         super().__init__()
@@ -288,10 +303,8 @@ class StegoLoss(nn.Module):
                 f"unknown derangement mode {derangement!r}; "
                 f"valid modes: {', '.join(DERANGEMENT_MODES)}"
             )
-        if not quantiles or any(not 0.0 <= q <= 1.0 for q in quantiles):
-            raise StegoError(
-                f"quantiles must be a non-empty tuple of values in [0, 1], got {quantiles!r}"
-            )
+        if any(not 0.0 <= q <= 1.0 for q in quantiles):
+            raise StegoError(f"quantiles must be values in [0, 1], got {quantiles!r}")
         self.n_samples = int(n_samples)
         self.neg_samples = int(neg_samples)
         self.pointwise = bool(pointwise)
@@ -310,8 +323,9 @@ class StegoLoss(nn.Module):
         )
 
     def _parts(self, f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, b: float) -> CorrelationParts:
+        """One term of already normalised samples."""
         flags = dict(pointwise=self.pointwise, zero_clamp=self.zero_clamp, stabilize=self.stabilize)
-        return correlation_parts(f1, f2, c1, c2, b, **flags)
+        return correlation_parts(f1, f2, c1, c2, b, normalized=True, **flags)
 
     def forward(
         self,
@@ -364,11 +378,12 @@ class StegoLoss(nn.Module):
                 f"perms must have shape (neg_samples, {batch}), got {tuple(perms.shape)}"
             )
 
+        # Samples are normalised once here, not again in every term that uses them.
         with torch.no_grad():
-            f_anchor = sample_at(feat, coords1)  # (B, C, S, S)
-            f_pos = sample_at(feat_pos, coords2)  # (B, C, S, S)
-        c_anchor = sample_at(code, coords1)  # (B, D, S, S)
-        c_pos = sample_at(code_pos, coords2)  # (B, D, S, S)
+            f_anchor = normalize(sample_at(feat, coords1))  # (B, C, S, S)
+            f_pos = normalize(sample_at(feat_pos, coords2))  # (B, C, S, S)
+        c_anchor = normalize(sample_at(code, coords1))  # (B, D, S, S)
+        c_pos = normalize(sample_at(code_pos, coords2))  # (B, D, S, S)
 
         b_self, b_knn, b_rand = self.shifts
         parts = {
@@ -380,8 +395,8 @@ class StegoLoss(nn.Module):
         negs = []
         for perm in perms:
             with torch.no_grad():
-                f_neg = sample_at(feat[perm], coords2)  # (B, C, S, S)
-            c_neg = sample_at(code[perm], coords2)  # (B, D, S, S)
+                f_neg = normalize(sample_at(feat[perm], coords2))  # (B, C, S, S)
+            c_neg = normalize(sample_at(code[perm], coords2))  # (B, D, S, S)
             negs.append(self._parts(f_anchor, f_neg, c_anchor, c_neg, b_rand))
         parts["random"] = CorrelationParts(*(torch.cat(group) for group in zip(*negs, strict=True)))
         self_term, knn_term, random_term = (parts[k].loss.mean() for k in TERMS)

@@ -98,11 +98,19 @@ def _fix_boundary_ties(row: Tensor, want: int) -> tuple[Tensor, Tensor]:
     return row[idx], idx
 
 
-def _topk_torch(x: Tensor, k: int, rows_per_chunk: int, groups: Tensor | None, out: Tensor) -> None:
-    n = x.shape[0]
+def _topk_torch(
+    x: Tensor,
+    k: int,
+    rows_per_chunk: int,
+    groups: Tensor | None,
+    out: Tensor,
+    query_range: tuple[int, int],
+) -> None:
+    """Fill ``out`` (stop - first, k) with the rows ``first..stop`` of the table."""
+    first, last = query_range
     want = k - 1  # neighbours other than the item itself
-    for start in range(0, n, rows_per_chunk):
-        stop = min(n, start + rows_per_chunk)
+    for start in range(first, last, rows_per_chunk):
+        stop = min(last, start + rows_per_chunk)
         r = stop - start
         rows = torch.arange(r, device=x.device)
         sims = x[start:stop] @ x.T  # (r, n)
@@ -110,7 +118,8 @@ def _topk_torch(x: Tensor, k: int, rows_per_chunk: int, groups: Tensor | None, o
             sims.masked_fill_(groups[start:stop, None] == groups[None, :], float("-inf"))
         sims[rows, rows + start] = float("-inf")  # the item itself goes to rank 0 below
         vals, idx = sims.topk(k, dim=1)  # (r, k): want + 1 to detect a tie at the boundary
-        out[start:stop, 0] = torch.arange(start, stop, device=x.device)
+        block = out[start - first : stop - first]
+        block[:, 0] = torch.arange(start, stop, device=x.device)
         if want == 0:
             continue
         if bool(torch.isinf(vals[:, want - 1]).any()):
@@ -124,7 +133,7 @@ def _topk_torch(x: Tensor, k: int, rows_per_chunk: int, groups: Tensor | None, o
         vals, idx = vals[:, :want].clone(), idx[:, :want].clone()
         for j in boundary:
             vals[j], idx[j] = _fix_boundary_ties(sims[j], want)
-        out[start:stop, 1:] = _order_candidates(vals, idx)
+        block[:, 1:] = _order_candidates(vals, idx)
         del sims
 
 
@@ -137,8 +146,14 @@ def _import_faiss() -> Any:
 
 
 def _topk_faiss(
-    x: np.ndarray, k: int, groups: np.ndarray | None, approximate: bool, chunk: int
+    x: np.ndarray,
+    k: int,
+    groups: np.ndarray | None,
+    approximate: bool,
+    chunk: int,
+    query_range: tuple[int, int],
 ) -> np.ndarray:
+    """Rows ``first..stop`` (stop - first, k) of the table through a faiss index of all items."""
     faiss = _import_faiss()
     n, c = x.shape
     if approximate:
@@ -154,12 +169,13 @@ def _topk_faiss(
     index.add(x)
     want = k - 1
     group_size = int(np.bincount(groups - groups.min()).max()) if groups is not None else 1
-    out = np.empty((n, k), dtype=np.int64)
-    out[:, 0] = np.arange(n)
+    first, last = query_range
+    out = np.empty((last - first, k), dtype=np.int64)
+    out[:, 0] = np.arange(first, last)
     if want == 0:
         return out
-    for start in range(0, n, chunk):
-        pending = np.arange(start, min(n, start + chunk))
+    for start in range(first, last, chunk):
+        pending = np.arange(start, min(last, start + chunk))
         kk = min(n, want + group_size + 2)
         while pending.size:
             dist, ind = index.search(x[pending], kk)  # (p, kk), descending
@@ -179,7 +195,7 @@ def _topk_faiss(
                     f"item {bad} has fewer than k-1={want} eligible neighbours (too many "
                     "siblings excluded, too few items, or nprobe too small); lower --k"
                 )
-            out[pending[ok], 1:] = ind_s[ok, :want]
+            out[pending[ok] - first, 1:] = ind_s[ok, :want]
             pending = pending[~ok]
             kk = min(n, kk * 2)
     return out
@@ -195,6 +211,7 @@ def topk_cosine(
     backend: str = "torch",
     exclude_groups: Tensor | None = None,
     approximate: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> Tensor:
     """Indices of the ``k`` most cosine-similar items of each item.
 
@@ -209,10 +226,12 @@ def topk_cosine(
         exclude_groups: (N,) int64 group ids; items sharing the query's group (sibling crops of
             one image) are never its neighbours, except itself at rank 0.
         approximate: faiss only: an IVF index (for millions of items; results may differ).
+        rows: ``(start, stop)``: compute only these rows of the table (each still searched
+            against all N items), e.g. to split the work across processes or devices.
 
     Returns:
-        (N, k) int64 on ``feats.device``: row i = [i, nearest other, second nearest, ...],
-        ties broken by lower index first.
+        (N, k) int64 on ``feats.device`` (``(stop - start, k)`` with ``rows``): row i =
+        [i, nearest other, second nearest, ...], ties broken by lower index first.
     """
     n = feats.shape[0] if feats.ndim else 0
     if not 1 <= k <= n:
@@ -221,6 +240,9 @@ def topk_cosine(
         raise StegoError(f"unknown neighbour backend {backend!r}; choose 'torch' or 'faiss'")
     if approximate and backend != "faiss":
         raise StegoError("approximate=True needs backend='faiss'")
+    query_range = (0, n) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= query_range[0] < query_range[1] <= n:
+        raise StegoError(f"rows must satisfy 0 <= start < stop <= {n}, got {rows}")
     groups = None
     if exclude_groups is not None:
         groups = torch.as_tensor(exclude_groups).to(torch.int64).flatten()
@@ -229,13 +251,14 @@ def topk_cosine(
     if backend == "faiss":
         xn = np.ascontiguousarray(_prepare(feats, torch.device("cpu")).numpy())
         g = groups.cpu().numpy() if groups is not None else None
-        res = _topk_faiss(xn, k, g, approximate, chunk_size or 16384)
+        res = _topk_faiss(xn, k, g, approximate, chunk_size or 16384, query_range)
         return torch.from_numpy(res).to(feats.device)
     dev = torch.device(device) if device is not None else feats.device
     x = _prepare(feats, dev)
-    rows = chunk_size or chunk_rows(n, k, max_memory_bytes)
-    out = torch.empty((n, k), dtype=torch.int64, device=dev)
-    _topk_torch(x, k, max(1, int(rows)), groups.to(dev) if groups is not None else None, out)
+    per_chunk = chunk_size or chunk_rows(n, k, max_memory_bytes)
+    out = torch.empty((query_range[1] - query_range[0], k), dtype=torch.int64, device=dev)
+    groups_dev = groups.to(dev) if groups is not None else None
+    _topk_torch(x, k, max(1, int(per_chunk)), groups_dev, out, query_range)
     return out.to(feats.device)
 
 

@@ -246,20 +246,33 @@ class LinearProbe(nn.Module):
             )
         return self.conv(code)
 
-    def loss(self, code: Tensor, labels: Tensor) -> Tensor:
+    def loss(self, code: Tensor, labels: Tensor, *, upsample: int | None = None) -> Tensor:
         """Cross entropy of the logits, upsampled bilinearly (align_corners=False) to the labels.
 
         code (B, D, h, w), labels (B, H, W) int64; pixels whose label is outside [0, n_classes)
         (e.g. -1 = ignore) do not count. Mean over valid pixels; 0 (with graph) if there are none.
+
+        ``upsample`` (optional) caps the loss resolution at ``upsample`` times the code's: larger
+        labels are first resized with ``nearest-exact`` to (upsample*h, upsample*w), i.e. a
+        regular subgrid of the label pixels is scored. The original always scores every label
+        pixel; on a CPU that upsampling, its log-softmax and their backward were ~30% of a
+        cached training step for no visible effect on the probe (docs/benchmarks.md).
         """
         if labels.dim() != 3 or labels.shape[0] != code.shape[0]:
             raise StegoError(
                 f"labels must be (B, H, W) with B = {code.shape[0]}, got {tuple(labels.shape)}"
             )
+        labels = labels.long()
+        if upsample:
+            size = (upsample * code.shape[-2], upsample * code.shape[-1])
+            if labels.shape[-2] > size[0] or labels.shape[-1] > size[1]:
+                size = (min(size[0], labels.shape[-2]), min(size[1], labels.shape[-1]))
+                labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[
+                    :, 0
+                ].long()
         logits = F.interpolate(
             self(code), size=labels.shape[-2:], mode="bilinear", align_corners=False
         )
-        labels = labels.long()
         valid = (labels >= 0) & (labels < self.n_classes)
         if not bool(valid.any()):
             return logits.sum() * 0.0

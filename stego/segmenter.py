@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stego.errors import StegoError
+
 if TYPE_CHECKING:
     from stego.backbones import Backbone
     from stego.heads import SegmentationHead
@@ -118,18 +120,82 @@ class Segmenter(nn.Module):
         Images are padded to a multiple of the patch size and the output cropped back, so the
         log-probabilities have the images' own size, or ``size`` when given (e.g. label size).
         """
-        padded, (height, width) = pad_to_multiple(images, self.patch_size)
-        code = self.encode(padded, flip=flip)
-        full = F.interpolate(code, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        full = full[..., :height, :width]
-        if size is not None and tuple(size) != (height, width):
-            full = F.interpolate(full, size=size, mode="bilinear", align_corners=False)
+        code, padded_size, (height, width) = self._encode_padded(images, flip)
+        full = _to_output_size(code, padded_size, (height, width), size)
         cluster = self.cluster_probe.log_probs(full, alpha=self.meta.alpha)
         linear = None
         if self.linear_probe is not None:
             linear = F.log_softmax(self.linear_probe(full), dim=1)
         return SegmenterOutput(code=code, cluster_log_probs=cluster, linear_log_probs=linear)
 
+    def _encode_padded(
+        self, images: Tensor, flip: bool
+    ) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+        """Code (B, D, h, w) of the padded images, the padded size and the images' own size."""
+        padded, own = pad_to_multiple(images, self.patch_size)
+        return self.encode(padded, flip=flip), tuple(padded.shape[-2:]), own  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def labels(
+        self,
+        images: Tensor,
+        *,
+        flip: bool = True,
+        size: tuple[int, int] | None = None,
+        probe: str = "cluster",
+    ) -> Tensor:
+        """Ids (B, H, W) int64 of images (B, 3, H, W): the argmax of :meth:`forward`'s maps.
+
+        Cheaper than ``forward(...).cluster_log_probs.argmax(1)`` and equal to it: the cosine
+        with centroid k is ``code . c_k / |code|`` (c_k unit-norm), and ``|code| > 0`` is the
+        same for every k, so the argmax only needs the dot products; those are linear in the
+        code, so they are computed at feature resolution (K channels instead of D) and then
+        upsampled exactly as the code would be. Likewise for the linear probe's logits (a 1x1
+        convolution commutes with bilinear interpolation). Only exact float ties can differ.
+        """
+        return self.labels_by_probe(images, flip=flip, size=size, probes=(probe,))[probe]
+
+    @torch.no_grad()
+    def labels_by_probe(
+        self,
+        images: Tensor,
+        *,
+        flip: bool = True,
+        size: tuple[int, int] | None = None,
+        probes: tuple[str, ...] = ("cluster", "linear"),
+    ) -> dict[str, Tensor]:
+        """:meth:`labels` of several probes from one backbone pass: {probe: (B, H, W) int64}."""
+        code, padded_size, own = self._encode_padded(images, flip)
+        out = {}
+        for probe in probes:
+            if probe == "cluster":
+                centroids = F.normalize(self.cluster_probe.clusters, dim=1, eps=1e-12)
+                scores = torch.einsum("bdhw,kd->bkhw", code, centroids)  # (B, K, h, w)
+            elif probe == "linear":
+                if self.linear_probe is None:
+                    raise StegoError("probe='linear' needs a model with a linear probe")
+                scores = self.linear_probe(code)  # (B, n_classes, h, w)
+            else:
+                raise StegoError(f"unknown probe {probe!r}; valid: cluster, linear")
+            # max(dim).indices: the first maximum, like argmax, and several times faster on CPU
+            out[probe] = _to_output_size(scores, padded_size, own, size).max(dim=1).indices
+        return out
+
     def predict(self, images: Tensor, *, flip: bool = True) -> Tensor:
         """Cluster ids (B, H, W) int64 at the images' own size."""
-        return self(images, flip=flip).cluster_log_probs.argmax(1)
+        return self.labels(images, flip=flip)
+
+
+def _to_output_size(
+    maps: Tensor,
+    padded_size: tuple[int, int],
+    own_size: tuple[int, int],
+    size: tuple[int, int] | None,
+) -> Tensor:
+    """Upsample maps (B, C, h, w) to the padded input size, crop the padding, then resize to
+    ``size`` if given: (B, C, H, W). Bilinear, align_corners=False (the paper's rule)."""
+    full = F.interpolate(maps, size=padded_size, mode="bilinear", align_corners=False)
+    full = full[..., : own_size[0], : own_size[1]]
+    if size is not None and tuple(size) != tuple(own_size):
+        full = F.interpolate(full, size=size, mode="bilinear", align_corners=False)
+    return full

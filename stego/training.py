@@ -61,6 +61,8 @@ class StegoModule(L.LightningModule):
         global_batch: images per step over all processes (coordinates are drawn for all).
         n_classes, extra_clusters: for the validation metrics (n_classes None = no metrics).
         run_config: the resolved config dict, stored in checkpoints (not read here).
+        linear_probe_upsample: cap of the linear probe's loss resolution (see
+            :meth:`stego.probes.LinearProbe.loss`); 0 = label size.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class StegoModule(L.LightningModule):
         figure_every: int = 0,
         palette: Any = None,
         run_config: dict[str, Any] | None = None,
+        linear_probe_upsample: int = 0,
     ) -> None:
         super().__init__()
         self.head, self.loss, self.cluster_probe = head, loss, cluster_probe
@@ -87,6 +90,7 @@ class StegoModule(L.LightningModule):
         self.__dict__["backbone"] = backbone  # not a submodule: not saved, moved in on_fit_start
         self.lr, self.probe_lr, self.seed, self.global_batch = lr, probe_lr, seed, global_batch
         self.figure_every, self.palette = figure_every, palette
+        self.linear_probe_upsample = linear_probe_upsample
         self.cluster_metrics = self.linear_metrics = None
         if n_classes is not None:
             self.cluster_metrics = UnsupervisedMetrics(n_classes, extra_clusters=extra_clusters)
@@ -166,7 +170,9 @@ class StegoModule(L.LightningModule):
             "probe/cluster_loss": cluster_loss,
         }
         if self.linear_probe is not None and "label" in batch:
-            linear_loss = self.linear_probe.loss(code, batch["label"])
+            linear_loss = self.linear_probe.loss(
+                code, batch["label"], upsample=self.linear_probe_upsample or None
+            )
             total = total + linear_loss
             logs["probe/linear_loss"] = linear_loss
         self._check_finite(step, logs)
@@ -414,6 +420,7 @@ def build_module(
         figure_every=t.figure_every,
         palette=palette,
         run_config=config.to_dict(),
+        linear_probe_upsample=t.linear_probe_upsample,
     )
 
 

@@ -212,7 +212,7 @@ class CachedPairDataset(Dataset):
 
 
 def split_holdout(n: int, n_holdout: int, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, held-out) split of ``range(n)``; both sorted. ``n_holdout`` capped at n // 5."""
+    """Seeded (train, held-out) split of ``range(n)``, both sorted; ``n_holdout`` <= n // 5."""
     n_holdout = min(n_holdout, n // 5)
     g = torch.Generator().manual_seed(mix_seed(seed, 0xC0FFEE))
     held = set(torch.randperm(n, generator=g)[:n_holdout].tolist())

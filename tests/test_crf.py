@@ -148,3 +148,18 @@ def test_pool_cannot_hang():
         1.0,
     ]
     assert time.monotonic() - start < 30
+
+
+def test_pool_is_kept_between_calls_and_replaced_after_a_crash():
+    first = set(_run_pool(_slow_pid, [(0.3,)] * 4, workers=2, timeout=60, what="pid"))
+    again = set(_run_pool(_slow_pid, [(0.3,)] * 4, workers=2, timeout=60, what="pid"))
+    assert first == again and len(first) == 2  # the same two processes served both calls
+    with pytest.raises(StegoError, match="crashed"):
+        _run_pool(os._exit, [(3,)], workers=2, timeout=60, what="exit")
+    fresh = set(_run_pool(_slow_pid, [(0.3,)] * 4, workers=2, timeout=60, what="pid"))
+    assert fresh and not fresh & first
+
+
+def _slow_pid(seconds: float) -> int:
+    time.sleep(seconds)  # keeps one worker busy so the other takes the next task
+    return os.getpid()

@@ -224,6 +224,7 @@ def test_loss_finite_and_deterministic(
         pointwise=pointwise,
         zero_clamp=zero_clamp,
         stabilize=stabilize,
+        quantiles=(0.1, 0.5, 0.9),
     )
     a = loss(feat, feat_pos, code, code_pos, generator=torch.Generator().manual_seed(seed))
     b = loss(feat, feat_pos, code, code_pos, generator=torch.Generator().manual_seed(seed))

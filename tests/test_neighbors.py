@@ -98,6 +98,19 @@ def test_chunked_unchunked_faiss_agree(feats):
         assert torch.equal(topk_cosine(feats, 30, backend="faiss", chunk_size=33), full)
 
 
+def test_row_block_equals_the_same_rows_of_the_full_table(feats):
+    full = topk_cosine(feats, 30)
+    groups = torch.arange(len(feats)) // 5
+    grouped = topk_cosine(feats, 30, exclude_groups=groups)
+    for backend in ("torch", "faiss") if HAS_FAISS else ("torch",):
+        part = topk_cosine(feats, 30, rows=(13, 57), chunk_size=9, backend=backend)
+        assert torch.equal(part, full[13:57])
+        part = topk_cosine(feats, 30, rows=(40, 41), exclude_groups=groups, backend=backend)
+        assert torch.equal(part, grouped[40:41])
+    with pytest.raises(StegoError, match="rows"):
+        topk_cosine(feats, 30, rows=(5, 5))
+
+
 def test_ties_lower_index_first():
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
     x[10] = x[3]

@@ -141,6 +141,20 @@ def test_linear_probe_loss_ignores_invalid_labels() -> None:
     assert float(empty.detach()) == 0.0 and empty.requires_grad
 
 
+def test_linear_probe_loss_capped_resolution_scores_a_label_subgrid() -> None:
+    torch.manual_seed(0)
+    probe = LinearProbe(4, 3)
+    code = torch.randn(2, 4, 4, 4)
+    labels = torch.randint(0, 3, (2, 16, 16))
+    # cap 2x the code: 8x8 = every other label pixel (nearest-exact picks 1, 3, 5, ...)
+    up = F.interpolate(probe(code), size=(8, 8), mode="bilinear", align_corners=False)
+    sub = labels[:, 1::2, 1::2]
+    expected = F.cross_entropy(up, sub)
+    assert torch.allclose(probe.loss(code, labels, upsample=2), expected, atol=1e-6)
+    # a cap above the label size changes nothing
+    assert torch.equal(probe.loss(code, labels, upsample=8), probe.loss(code, labels))
+
+
 def test_errors() -> None:
     probe = ClusterProbe(4, 3)
     with pytest.raises(StegoError, match=r"\(B, 4, h, w\)"):
