@@ -91,20 +91,21 @@ class MemoBackbone(nn.Module):
             self.misses = 0
 
 
-def val_dataset(root: str) -> Any:
+def val_dataset(root: str, resolution: int) -> Any:
     from stego.data import PairTransform, build_dataset
 
-    return build_dataset("camvid", root, "val", transform=PairTransform(224, crop="none"))
+    return build_dataset("camvid", root, "val", transform=PairTransform(resolution, crop="none"))
 
 
-def train_cache(root: str, cache_dir: str, layer: int | None) -> Any:
+def train_cache(root: str, cache_dir: str, layer: int | None, resolution: int) -> Any:
     from stego.backbones import build_backbone
     from stego.training_data import feature_cache, neighbor_table, open_split
 
     backbone = build_backbone(BACKBONE, layer=layer)
-    ds = open_split("camvid", root, "train", resolution=224, interpolation="bilinear",
+    ds = open_split("camvid", root, "train", resolution=resolution, interpolation="bilinear",
                     crop_type="none")
-    where = dict(name="camvid", split="train", crop_type="none", resolution=224, data_root=root,
+    where = dict(name="camvid", split="train", crop_type="none", resolution=resolution,
+                 data_root=root,
                  cache_dir=cache_dir, device="cpu", batch_size=16, num_workers=0, progress=False)
     cache = feature_cache(backbone, ds, True, **where)
     neighbor_table(backbone, ds, 30, cache=cache, **where)
@@ -156,10 +157,12 @@ def stego_run(name: str, seed: int, args: argparse.Namespace, backbones: dict, v
     from stego.training import train
 
     overrides = [f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",
-                 f"train.steps={args.steps}", f"train.seed={seed}", *FAST,
+                 f"train.steps={args.steps}", f"train.seed={seed}",
+                 f"data.resolution={args.resolution}", *FAST,
                  *VARIANTS[name], *args.set]
     config = load_config("camvid", overrides=overrides)
-    run = Path(args.work) / f"{name}-s{seed}-{args.steps}"
+    res = "" if args.resolution == 224 else f"-r{args.resolution}"
+    run = Path(args.work) / f"{name}{args.tag}{res}-s{seed}-{args.steps}"
     timing = run / "bench_timing.json"
     if not timing.is_file():  # reuse finished runs of an interrupted benchmark
         import shutil
@@ -219,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-limit", type=int, default=None,
                         help="score on the first N val images only (default: all 101)")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
+    parser.add_argument("--tag", default="", help="suffix of run folder names (for --set runs)")
+    parser.add_argument("--resolution", type=int, default=224,
+                        help="shorter side for training and val (a multiple of 14; default 224)")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from stego.backbones import build_backbone
 
     stages: dict[str, float] = {}
-    val = val_dataset(args.data_root)
+    val = val_dataset(args.data_root, args.resolution)
     if args.val_limit:
         from torch.utils.data import Subset
 
@@ -237,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     for layer in sorted(layers, key=lambda x: x or 99):
         tag = "last" if layer is None else str(layer)
         t0 = time.perf_counter()
-        args.caches[layer] = train_cache(args.data_root, args.cache_dir, layer)
+        args.caches[layer] = train_cache(args.data_root, args.cache_dir, layer, args.resolution)
         stages[f"train_cache_open_or_build_b{tag}_s"] = time.perf_counter() - t0
+        res = "" if args.resolution == 224 else f"_r{args.resolution}"
         backbones[layer] = MemoBackbone(build_backbone(BACKBONE, layer=layer),
-                                        Path(args.work) / f"val_feats_b{tag}.pt")
-    results: dict[str, Any] = {"protocol": "val, resolution 224 full frame (298x224), flip",
+                                        Path(args.work) / f"val_feats_b{tag}{res}.pt")
+    results: dict[str, Any] = {"protocol": f"val, resolution {args.resolution} full frame, flip",
+                               "overrides": args.set,
                                "steps": args.steps, "seeds": args.seeds, "stages_s": stages,
                                "runs": {}}
 
@@ -255,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     for tag in args.raw_layers:
         layer = None if tag == "last" else int(tag)
         for seed in args.seeds:
-            key = f"raw-b{tag}"
+            key = f"raw-b{tag}" + ("" if args.resolution == 224 else f"-r{args.resolution}")
             r = raw_baseline(layer, seed, args.caches[layer], backbones[layer], val)
             backbones[layer].save()
             results["runs"].setdefault(key, {})[str(seed)] = r
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             flush()
     for i, seed in enumerate(args.seeds):  # seed-major: partial results cover every variant
         for name in args.variants:
-            key = f"stego-{name}"
+            key = f"stego-{name}{args.tag}"
             r = stego_run(name, seed, args, backbones, val, crf=i < args.crf_seeds)
             for b in backbones.values():
                 b.save()

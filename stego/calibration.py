@@ -6,8 +6,12 @@ centred feature-correlation distributions and set each shift so that most random
 "different" and the right share of self/kNN pairs read as "same". We make that rule explicit and
 label-free:
 
-1. Cluster a sample of patch features with cosine k-means into K clusters (K = the number of
-   segments the user asks for): the clusters are pseudo-classes.
+1. Cluster a sample of patch features with cosine k-means into P clusters, the pseudo-classes.
+   By default P = max(2, K // 2) for K segments (:func:`pseudo_class_count`): k-means
+   makes clusters of similar size, so K of them are same-class far less often than K real
+   classes, whose sizes are very unequal (road, sky and buildings cover most of a street
+   scene). On CamVid the same-class rates of the 11 labelled classes (train split) match those
+   of k-means with 5 clusters, and K clusters gave shifts ~0.15 too high (docs/benchmarks.md).
 2. Sample location pairs exactly as training does for each term (self, knn, random) and measure
    the fraction ``p`` of pairs whose two ends fall in the same pseudo-class.
 3. Set the term's shift to the ``1 - p`` quantile of its centred feature correlation, so the
@@ -40,6 +44,7 @@ from stego.probes import spherical_kmeans
 __all__ = [
     "Calibration",
     "calibrate_shifts",
+    "pseudo_class_count",
     "TERMS",
     "SHIFT_KEYS",
     "auto_shift_keys",
@@ -69,6 +74,14 @@ class Calibration:
     def as_tuple(self) -> tuple[float, float, float]:
         """Shifts ordered (self, knn, random), as StegoLoss takes them."""
         return (self.shifts["self"], self.shifts["knn"], self.shifts["random"])
+
+
+def pseudo_class_count(n_segments: int) -> int:
+    """Default number of k-means pseudo-classes for ``n_segments`` segments: max(2, K // 2).
+
+    See step 1 of the module docstring for why fewer pseudo-classes than segments.
+    """
+    return max(2, n_segments // 2)
 
 
 def _stack(feats: Sequence[Tensor], indices: Tensor) -> Tensor:
@@ -200,26 +213,42 @@ def resolve_auto_shifts(
         for key in keys:
             setattr(config.loss, key, float(old[key]))
         if log is not None:
-            log("auto shifts taken from the resumed run: "
-                + ", ".join(f"{k}={old[k]}" for k in keys))
+            log(
+                "auto shifts taken from the resumed run: "
+                + ", ".join(f"{k}={old[k]}" for k in keys)
+            )
         return None
+    pseudo = config.loss.auto_pseudo_classes or pseudo_class_count(n_clusters)
     cal = calibrate_shifts(
-        feats, neighbors, n_clusters, num_neighbors=config.train.num_neighbors,
-        n_samples=config.loss.feature_samples, pointwise=config.loss.pointwise,
-        batch_size=config.data.batch_size, seed=config.train.seed)
+        feats,
+        neighbors,
+        pseudo,
+        num_neighbors=config.train.num_neighbors,
+        n_samples=config.loss.feature_samples,
+        pointwise=config.loss.pointwise,
+        batch_size=config.data.batch_size,
+        seed=config.train.seed,
+    )
     chosen = shifts_config(cal, ndigits=4)["loss"]
     for key in keys:
         setattr(config.loss, key, chosen[key])
     if log is not None:
         chosen_text = ", ".join(
             f"{SHIFT_KEYS[t]}={chosen[SHIFT_KEYS[t]]} (same-pseudo-class fraction "
-            f"{cal.same_fraction[t]:.3f})" for t in TERMS if SHIFT_KEYS[t] in keys)
-        log(f"auto shifts (label-free calibration, K={n_clusters}): {chosen_text}")
+            f"{cal.same_fraction[t]:.3f})"
+            for t in TERMS
+            if SHIFT_KEYS[t] in keys
+        )
+        log(
+            f"auto shifts (label-free calibration, {pseudo} pseudo-classes for "
+            f"{n_clusters} clusters): {chosen_text}"
+        )
     return cal
 
 
-def histogram_figure(calibration: Calibration, path: str | Path, *, title: str = "",
-                     bins: int = 100) -> Path:
+def histogram_figure(
+    calibration: Calibration, path: str | Path, *, title: str = "", bins: int = 100
+) -> Path:
     """Histograms of the three centred feature correlations with each shift marked (PNG).
 
     Rendered off-screen (Agg) into memory and written atomically.
@@ -236,10 +265,12 @@ def histogram_figure(calibration: Calibration, path: str | Path, *, title: str =
         fd = calibration.fd[term].float().numpy()
         shift = calibration.shifts[term]
         ax.hist(fd, bins=bins, color="0.6", density=True)
-        ax.axvline(shift, color="tab:red", lw=2,
-                   label=f"shift {shift:.3f} ({SHIFT_KEYS[term]})")
-        ax.set_title(f"{term}: {100 * calibration.same_fraction[term]:.1f}% same pseudo-class "
-                     f"pairs = share attracted (right of the line)", fontsize=9)
+        ax.axvline(shift, color="tab:red", lw=2, label=f"shift {shift:.3f} ({SHIFT_KEYS[term]})")
+        ax.set_title(
+            f"{term}: {100 * calibration.same_fraction[term]:.1f}% same pseudo-class "
+            f"pairs = share attracted (right of the line)",
+            fontsize=9,
+        )
         ax.legend(loc="upper left", fontsize=8)
     axes[-1].set_xlabel("centred feature correlation")
     if title:

@@ -87,6 +87,8 @@ class LossConfig:
     pos_intra_shift: float | Literal["auto"] = 0.08  # b_self: paper ViT-S/8 COCO value
     pos_inter_shift: float | Literal["auto"] = 0.02  # b_knn
     neg_inter_shift: float | Literal["auto"] = 0.16  # b_rand
+    # k-means pseudo-classes of the "auto" calibration; None = max(2, clusters // 2)
+    auto_pseudo_classes: int | None = None
     pos_intra_weight: float = 0.67  # lambda_self
     pos_inter_weight: float = 0.25  # lambda_knn
     neg_inter_weight: float = 0.63  # lambda_rand
@@ -182,6 +184,8 @@ class StegoConfig:
         if m.layer is not None:
             _positive("model.layer", m.layer)
         _at_least("model.extra_clusters", m.extra_clusters, 0)
+        if lo.auto_pseudo_classes is not None:
+            _at_least("loss.auto_pseudo_classes", lo.auto_pseudo_classes, 2)
         _positive("loss.feature_samples", lo.feature_samples)
         _positive("loss.neg_samples", lo.neg_samples)
         for name in ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight"):
