@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     crf_files = files[: args.crf_n or args.n]
     results["crf_images"] = len(crf_files)
     results.update(bench_crf(model, crf_files, args.crf_workers))
+    results["peak_rss_mb_main_process"] = peak_rss_mb()
     print_table(results)
     if args.out:
         from stego.atomic import atomic_write
@@ -147,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_write(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
     return 0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM), MB; CRF workers not included."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
 
 
 def read_size(path: Path) -> tuple[int, int]:

@@ -7,12 +7,13 @@ labels at that size. Rows:
 
 * ``raw-b8`` / ``raw-last``: cosine k-means (K = 11, k-means++ with 5 restarts, lowest inertia)
   on the cached training patch features of block 8 / the last block; a Segmenter with head kind
-  ``"none"`` and a ClusterProbe holding the centroids goes through ``evaluate`` like any model.
+  ``"none"`` and a ClusterProbe holding the centroids goes through ``evaluate`` like any model
+  (also with the dense CRF for the first ``--crf-seeds`` seeds).
 * ``stego-*``: ``stego.training.train`` with the camvid preset and the variant's overrides
   (``--steps``; training from the feature cache, no in-training validation). Each run is scored
   with its gradient-trained cluster probe (``cluster``), with the probe replaced by spherical
-  k-means on the training codes (10 restarts, lowest inertia, label-free: ``kmeans``), by its
-  linear probe (``linear``), and for the first ``--crf-seeds`` seeds with the dense CRF.
+  k-means on the training codes (10 restarts, lowest inertia, label-free: ``kmeans``; when the
+  config already has ``train.kmeans_probe`` both are the same model), by its linear probe (``linear``), and for the first ``--crf-seeds`` seeds with the dense CRF.
 
 Val backbone features are computed once per block and memoised (also on disk under ``--work``),
 so every later evaluation only runs heads and probes. Wall time of every stage is recorded.
@@ -131,7 +132,7 @@ def score(model: Any, val: Any, *, crf: bool = False) -> dict[str, Any]:
 
 
 def raw_baseline(layer: int | None, seed: int, cache: Any, backbone: MemoBackbone,
-                 val: Any) -> dict[str, Any]:
+                 val: Any, crf: bool = False) -> dict[str, Any]:
     from stego.heads import SegmentationHead
     from stego.probes import ClusterProbe, spherical_kmeans
     from stego.segmenter import Segmenter, SegmenterMeta
@@ -147,7 +148,10 @@ def raw_baseline(layer: int | None, seed: int, cache: Any, backbone: MemoBackbon
     meta = SegmenterMeta(backbone=BACKBONE, backbone_layer=layer, head_kind="none",
                          code_dim=dim, n_clusters=11, dataset="camvid")
     model = Segmenter(backbone, SegmentationHead(dim, dim, "none"), probe, None, meta)
-    return {"kmeans_s": kmeans_s, **score(model, val)}
+    out = {"kmeans_s": kmeans_s, **score(model, val)}
+    if crf:
+        out.update({f"crf_{k}": v for k, v in score(model, val, crf=True).items()})
+    return out
 
 
 def stego_run(name: str, seed: int, args: argparse.Namespace, backbones: dict, val: Any,
@@ -182,6 +186,9 @@ def stego_run(name: str, seed: int, args: argparse.Namespace, backbones: dict, v
     out.update(score(model, val))
     if crf:
         out.update({f"crf_{k}": v for k, v in score(model, val, crf=True).items()})
+    if config.train.kmeans_probe:  # train() already refit the probe the same way: no repeat
+        out.update({f"kmeans_{k}": v for k, v in out.items() if "cluster" in k})
+        return out
     # label-free probe refit: spherical k-means with restarts on the training codes
     t0 = time.perf_counter()
     feats = cache_rows(args.caches[layer])
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-layers", nargs="*", default=["8", "last"],
                         help="blocks of the raw k-means baseline ('last' = final block)")
     parser.add_argument("--crf-seeds", type=int, default=1,
-                        help="CRF evaluation on the first N seeds only (~1-2 s/image on CPU)")
+                        help="CRF evaluation (raw and STEGO rows) on the first N seeds only")
     parser.add_argument("--val-limit", type=int, default=None,
                         help="score on the first N val images only (default: all 101)")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
@@ -262,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for tag in args.raw_layers:
         layer = None if tag == "last" else int(tag)
-        for seed in args.seeds:
+        for i, seed in enumerate(args.seeds):
             key = f"raw-b{tag}" + ("" if args.resolution == 224 else f"-r{args.resolution}")
-            r = raw_baseline(layer, seed, args.caches[layer], backbones[layer], val)
+            r = raw_baseline(layer, seed, args.caches[layer], backbones[layer], val,
+                             crf=i < args.crf_seeds)
             backbones[layer].save()
             results["runs"].setdefault(key, {})[str(seed)] = r
             print(f"{key} seed {seed}: {r['cluster_miou']:.1f} mIoU ({r['eval_s']:.0f}s eval)",
