@@ -13,7 +13,8 @@ labels at that size. Rows:
   (``--steps``; training from the feature cache, no in-training validation). Each run is scored
   with its gradient-trained cluster probe (``cluster``), with the probe replaced by spherical
   k-means on the training codes (10 restarts, lowest inertia, label-free: ``kmeans``; when the
-  config already has ``train.kmeans_probe`` both are the same model), by its linear probe (``linear``), and for the first ``--crf-seeds`` seeds with the dense CRF.
+  config already has ``train.kmeans_probe`` both are the same model), by its linear probe
+  (``linear``), and for the first ``--crf-seeds`` seeds with the dense CRF.
 
 Val backbone features are computed once per block and memoised (also on disk under ``--work``),
 so every later evaluation only runs heads and probes. Wall time of every stage is recorded.
