@@ -99,14 +99,15 @@ def val_dataset(root: str, resolution: int) -> Any:
     return build_dataset("camvid", root, "val", transform=PairTransform(resolution, crop="none"))
 
 
-def train_cache(root: str, cache_dir: str, layer: int | None, resolution: int) -> Any:
+def train_cache(root: str, cache_dir: str, layer: int | None, resolution: int,
+                crop_type: str = "none", crop_dir: str | None = None) -> Any:
     from stego.backbones import build_backbone
     from stego.training_data import feature_cache, neighbor_table, open_split
 
     backbone = build_backbone(BACKBONE, layer=layer)
     ds = open_split("camvid", root, "train", resolution=resolution, interpolation="bilinear",
-                    crop_type="none")
-    where = dict(name="camvid", split="train", crop_type="none", resolution=resolution,
+                    crop_type=crop_type, crop_dir=crop_dir)
+    where = dict(name="camvid", split="train", crop_type=crop_type, resolution=resolution,
                  data_root=root,
                  cache_dir=cache_dir, device="cpu", batch_size=16, num_workers=0, progress=False)
     cache = feature_cache(backbone, ds, True, **where)
@@ -163,7 +164,8 @@ def stego_run(name: str, seed: int, args: argparse.Namespace, backbones: dict, v
 
     overrides = [f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",
                  f"train.steps={args.steps}", f"train.seed={seed}",
-                 f"data.resolution={args.resolution}", *FAST,
+                 f"data.resolution={args.resolution}", f"data.crop_type={args.crop_type}",
+                 *([f"data.crop_dir={args.crop_dir}"] if args.crop_dir else []), *FAST,
                  *VARIANTS[name], *args.set]
     config = load_config("camvid", overrides=overrides)
     res = "" if args.resolution == 224 else f"-r{args.resolution}"
@@ -231,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="score on the first N val images only (default: all 101)")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
     parser.add_argument("--tag", default="", help="suffix of run folder names (for --set runs)")
+    parser.add_argument("--crop-type", choices=("none", "five"), default="none",
+                        help="training split: full frames or five-crops (val is always full)")
+    parser.add_argument("--crop-dir", default=None,
+                        help="where `stego crop` wrote the five-crops (with --crop-type five)")
     parser.add_argument("--resolution", type=int, default=224,
                         help="shorter side for training and val (a multiple of 14; default 224)")
     parser.add_argument("--out", default=None, help="JSON results file")
@@ -251,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     for layer in sorted(layers, key=lambda x: x or 99):
         tag = "last" if layer is None else str(layer)
         t0 = time.perf_counter()
-        args.caches[layer] = train_cache(args.data_root, args.cache_dir, layer, args.resolution)
+        args.caches[layer] = train_cache(args.data_root, args.cache_dir, layer, args.resolution,
+                                         args.crop_type, args.crop_dir)
         stages[f"train_cache_open_or_build_b{tag}_s"] = time.perf_counter() - t0
         res = "" if args.resolution == 224 else f"_r{args.resolution}"
         backbones[layer] = MemoBackbone(build_backbone(BACKBONE, layer=layer),
