@@ -168,7 +168,8 @@ def test_prediction_killed_then_rerun_equals_uninterrupted(tmp_path, helpers) ->
 
     proc = helpers.spawn(args(out))
     labels = out / "labels"
-    killed = helpers.kill_when(proc, lambda: labels.is_dir() and len(list(labels.iterdir())) >= 5)
+    # finished labels only: a name starting with "." is an atomic write still in progress
+    killed = helpers.kill_when(proc, lambda: len(list(labels.glob("[!.]*"))) >= 5)
     assert killed, "prediction finished before it could be killed; enlarge the dataset"
     (labels / ".img_050.png.tmp-77").write_bytes(b"torn")
     done = helpers.run_py(args(out))
