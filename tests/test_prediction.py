@@ -16,7 +16,8 @@ from stego.prediction import collect_images, predict_paths
 N_CLUSTERS = 5
 
 
-def tiny_segmenter(n_classes: int | None = None):
+def tiny_segmenter(n_classes: int | None = None, n_clusters: int = N_CLUSTERS):
+    """Seeded tiny-vit Segmenter with a random head (code dim 8) and probes."""
     from stego.backbones import build_backbone
     from stego.heads import SegmentationHead
     from stego.probes import ClusterProbe, LinearProbe
@@ -25,14 +26,14 @@ def tiny_segmenter(n_classes: int | None = None):
     torch.manual_seed(0)
     backbone = build_backbone("tiny-vit", pretrained=False)
     head = SegmentationHead(backbone.embed_dim, 8)
-    probe = ClusterProbe(8, N_CLUSTERS)
+    probe = ClusterProbe(8, n_clusters)
     linear = LinearProbe(8, n_classes) if n_classes else None
     meta = SegmenterMeta(
         backbone="tiny-vit",
         backbone_layer=None,
         head_kind="nonlinear",
         code_dim=8,
-        n_clusters=N_CLUSTERS,
+        n_clusters=n_clusters,
         n_classes=n_classes,
     )
     return Segmenter(backbone, head, probe, linear, meta).eval()

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,25 +116,9 @@ def write_folder(root: Path, n: int, size: tuple[int, int] = (32, 32), seed: int
 
 
 def tiny_segmenter(n_classes: int | None = None):
-    from stego.backbones import build_backbone
-    from stego.heads import SegmentationHead
-    from stego.probes import ClusterProbe, LinearProbe
-    from stego.segmenter import Segmenter, SegmenterMeta
+    from tests.test_prediction import tiny_segmenter as build
 
-    torch.manual_seed(0)
-    backbone = build_backbone("tiny-vit", pretrained=False)
-    head = SegmentationHead(backbone.embed_dim, 8)
-    probe = ClusterProbe(8, N_CLUSTERS)
-    linear = LinearProbe(8, n_classes) if n_classes else None
-    meta = SegmenterMeta(
-        backbone="tiny-vit",
-        backbone_layer=None,
-        head_kind="nonlinear",
-        code_dim=8,
-        n_clusters=N_CLUSTERS,
-        n_classes=n_classes,
-    )
-    return Segmenter(backbone, head, probe, linear, meta).eval()
+    return build(n_classes, n_clusters=N_CLUSTERS)
 
 
 @pytest.fixture(scope="session")
