@@ -107,8 +107,11 @@ class StegoModule(L.LightningModule):
 
     def _features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Frozen features (b, C, h, w) of the images and of their neighbours."""
-        if "feat" in batch:  # cached (float16 on disk, float32 here)
-            return batch["feat"].float(), batch["feat_pos"].float()
+        if "feat" in batch:  # cached (float16 on disk, float32 here, channels-last for the head)
+            return tuple(
+                batch[k].to(torch.float32, memory_format=torch.channels_last)
+                for k in ("feat", "feat_pos")
+            )  # type: ignore[return-value]
         if self.backbone is None:
             raise StegoError("image batches need a backbone; pass backbone= to StegoModule")
         with torch.no_grad():

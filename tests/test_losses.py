@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from stego.errors import StegoError
 from stego.losses import (
     StegoLoss,
+    bilinear_rows,
+    channels_last_table,
     code_correlation,
     correlation,
     correlation_parts,
@@ -23,8 +25,10 @@ from stego.losses import (
     derangement,
     feature_correlation,
     normalize,
+    read_rows,
     sample_at,
     sample_coords,
+    sample_points,
 )
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -322,3 +326,22 @@ def test_sample_at_corners_and_axis_swap() -> None:
     out = sample_at(img, coords)[0, 0]
     # out[i, j] is read at coords[j, i]; (5, 5) is clamped to the bottom-right corner (border)
     assert out.tolist() == [[0.0, 8.0], [3.0, 11.0]]
+
+
+@pytest.mark.parametrize("hw", [(5, 7), (1, 4), (3, 1)])
+def test_table_reads_equal_grid_sample(hw: tuple[int, int]) -> None:
+    """The loss's table sampler gives grid_sample's values and gradients, for any map per group
+    (here a non-permutation, as the original derangement can draw), coords outside [-1, 1] and
+    maps one pixel high or wide."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(4, 6, *hw, generator=g, requires_grad=True)
+    coords = torch.rand(4, 3, 3, 2, generator=g) * 2.4 - 1.2
+    images = torch.tensor([1, 3, 3, 0])
+    expected = sample_at(maps[images], coords)  # (4, 6, 3, 3)
+    rows, weights = bilinear_rows(sample_points(coords), images, *hw)
+    got = read_rows(channels_last_table(maps), rows, weights)  # (36, 6)
+    got = got.view(4, 3, 3, 6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    (grad_expected,) = torch.autograd.grad((expected * expected.detach()).sum(), maps)
+    (grad_got,) = torch.autograd.grad((got * got.detach()).sum(), maps)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-6, atol=1e-6)
