@@ -116,3 +116,17 @@ def test_errors() -> None:
         SegmentationHead(8, 4, dropout=1.0)
     with pytest.raises(StegoError, match=r"\(B, 8, h, w\)"):
         SegmentationHead(8, 4)(torch.randn(1, 7, 2, 2))
+
+
+def test_memory_layout_does_not_change_the_result() -> None:
+    """The training step hands the head channels-last features; codes, dropout masks and the
+    loss copy are the same as for ordinary (B, C, h, w) tensors."""
+    torch.manual_seed(0)
+    head = SegmentationHead(16, 5, dropout=0.3).train()
+    feat = torch.randn(2, 16, 3, 4)
+    outs = [
+        head(f, generator=torch.Generator().manual_seed(7))
+        for f in (feat, feat.contiguous(memory_format=torch.channels_last))
+    ]
+    torch.testing.assert_close(outs[0].code, outs[1].code, rtol=1e-6, atol=1e-6)
+    assert torch.equal(outs[0].feat_for_loss, outs[1].feat_for_loss)
