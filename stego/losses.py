@@ -119,23 +119,15 @@ def correlation_parts(
     pointwise: bool = True,
     zero_clamp: bool = True,
     stabilize: bool = False,
-    normalized: bool = False,
 ) -> CorrelationParts:
     """Loss map, feature correlation and code correlation of one STEGO term.
 
     f1 (B, C, h, w), f2 (B, C, h', w'), c1 (B, D, h, w), c2 (B, D, h', w'); ``shift`` is the
     term's b. ``zero_clamp`` clamps cd at 0 from below (else at -9999); ``stabilize`` also clamps
-    it at 0.8 from above. ``normalized``: the four inputs are already unit-norm over channels
-    (as :func:`normalize` returns them), so they are not normalised again.
-    Returns :class:`CorrelationParts`, each (B, h, w, h', w').
+    it at 0.8 from above. Returns :class:`CorrelationParts`, each (B, h, w, h', w').
     """
-    if normalized:
-        with torch.no_grad():
-            fd = _centre(correlation(f1, f2), pointwise)
-        cd = correlation(c1, c2)
-    else:
-        fd = feature_correlation(f1, f2, pointwise=pointwise)
-        cd = code_correlation(c1, c2)
+    fd = feature_correlation(f1, f2, pointwise=pointwise)
+    cd = code_correlation(c1, c2)
     return CorrelationParts(loss=_term_loss(fd, cd, shift, zero_clamp, stabilize), fd=fd, cd=cd)
 
 
