@@ -4,12 +4,16 @@ The original checkpoint's ``state_dict`` holds
 
 - the DINO ViT under ``net.model.`` (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
   ``blocks.N.*``, ``norm.*``: the same names as timm's ViT),
-- the head under ``net.cluster1.`` (1x1 conv C->D) and ``net.cluster2.{0,2}.`` (1x1 convs C->C,
-  C->D),
+- the head under ``net.cluster1.0.`` (a ``Sequential`` holding one 1x1 conv C->D; a bare
+  ``net.cluster1.`` is accepted too) and ``net.cluster2.{0,2}.`` (1x1 convs C->C, C->D),
 - ``cluster_probe.clusters`` (K, D) and ``linear_probe.weight`` (n, D, 1, 1) / ``.bias``,
+- training-only parts: ``train_cluster_probe.clusters`` (a probe fitted on training batches) and
+  ``decoder.*`` (a 1x1 conv D->C for a reconstruction loss), not needed for inference,
 
-and its ``hyper_parameters`` hold the training config (``cfg``: ``model_type``,
-``dino_patch_size``, ``dim``, ``dataset_name``, ``extra_clusters``...). The file is read with
+and its ``hyper_parameters`` hold ``n_classes`` and the training config (``cfg``, an omegaconf
+``DictConfig``: ``model_type``, ``dino_patch_size``, ``dim``, ``dataset_name``,
+``extra_clusters``...). Lightning 1.x adds ``callbacks`` (keyed by callback class),
+``optimizer_states``, ``epoch``, ``global_step``... The file is read with
 :mod:`stego.safe_pickle`, so a tampered checkpoint cannot run code. The backbone registry name
 comes from the config (``vit_small`` + patch 8 -> ``dino-vits8``) unless ``backbone=`` is given;
 the checkpoint's ViT weights must fit that backbone's shapes (the position embedding may differ
@@ -20,15 +24,25 @@ so the converted folder reproduces the original features exactly, offline.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from stego.errors import StegoError
 
-__all__ = ["convert_official", "official_config", "split_official_state"]
+if TYPE_CHECKING:
+    from stego.segmenter import Segmenter
+
+__all__ = [
+    "OfficialModel",
+    "convert_official",
+    "load_official",
+    "official_config",
+    "split_official_state",
+]
 
 _KNOWN_PREFIXES = (
     "net.model.",
@@ -37,6 +51,17 @@ _KNOWN_PREFIXES = (
     "cluster_probe.",
     "linear_probe.",
 )
+# Written by the original for training only: its train-time cluster probe and the decoder of
+# its (unused by default) reconstruction loss.
+_TRAINING_ONLY = ("train_cluster_probe.", "decoder.")
+
+
+class OfficialModel(NamedTuple):
+    """An original checkpoint read into stego: the model, its plain config, what was ignored."""
+
+    model: Segmenter
+    config: dict[str, Any]  # hyper_parameters: n_classes + the cfg keys, plain values
+    ignored: list[str]  # state_dict keys not used (training-only and unknown ones)
 
 
 def _state_dict(checkpoint: Any, path: Path) -> dict[str, Tensor]:
@@ -70,13 +95,16 @@ def official_config(checkpoint: Any) -> dict[str, Any]:
 def split_official_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """Map the original names to :class:`stego.segmenter.Segmenter` names.
 
-    Returns (renamed state without the backbone, sorted list of ignored unknown keys).
-    ``net.cluster1/2`` -> ``head.linear/nonlinear``; ``linear_probe.weight`` ->
-    ``linear_probe.conv.weight``; ``cluster_probe.clusters`` kept.
+    Returns (renamed state without the backbone, sorted list of ignored keys).
+    ``net.cluster1.0`` (or ``net.cluster1``) -> ``head.linear``, ``net.cluster2`` ->
+    ``head.nonlinear``; ``linear_probe.weight`` -> ``linear_probe.conv.weight``;
+    ``cluster_probe.clusters`` kept.
     """
     from stego.heads import original_key_map
 
-    out = {f"head.{k}": v for k, v in original_key_map(state, prefix="net.").items()}
+    # The original's linear head is Sequential(Conv2d): its weights sit one level deeper.
+    head = {k.replace("net.cluster1.0.", "net.cluster1.", 1): v for k, v in state.items()}
+    out = {f"head.{k}": v for k, v in original_key_map(head, prefix="net.").items()}
     if "cluster_probe.clusters" in state:
         out["cluster_probe.clusters"] = state["cluster_probe.clusters"]
     for part in ("weight", "bias"):
@@ -129,22 +157,30 @@ def _load_vit(backbone: Any, vit: dict[str, Tensor], path: Path) -> None:
         )
 
 
-def convert_official(
+def _describe_ignored(ignored: list[str]) -> tuple[str, list[str]]:
+    """(one line naming the training-only parts ignored, the unknown keys)."""
+    parts = sorted({k.split(".")[0] for k in ignored if k.startswith(_TRAINING_ONLY)})
+    unknown = [k for k in ignored if not k.startswith(_TRAINING_ONLY)]
+    line = f"ignored {', '.join(parts)}: not needed for inference" if parts else ""
+    return line, unknown
+
+
+def load_official(
     ckpt_path: str | Path,
-    out_dir: str | Path,
     *,
     dataset: str | None = None,
     backbone: str | None = None,
-) -> Path:
-    """Convert an original STEGO ``.ckpt`` into a stego model folder; returns ``out_dir``.
+    log: Callable[[str], None] | None = None,
+) -> OfficialModel:
+    """Read an original STEGO ``.ckpt`` into a :class:`Segmenter` (in memory, eval mode).
 
     ``dataset`` (default: the config's ``dataset_name``) fills class names and palette;
-    ``backbone`` overrides the registry name derived from the config.
+    ``backbone`` overrides the registry name derived from the config. ``log`` receives one line
+    naming the training-only parts left out; unknown extra weights are warned about.
     """
     from stego.backbones import build_backbone, weights_digest
     from stego.data import dataset_info
     from stego.heads import SegmentationHead
-    from stego.pretrained import save_pretrained
     from stego.probes import ClusterProbe, LinearProbe
     from stego.safe_pickle import load_checkpoint
     from stego.segmenter import Segmenter, SegmenterMeta
@@ -161,15 +197,19 @@ def convert_official(
             "(the released checkpoints' setting) is supported"
         )
     rest, ignored = split_official_state(state)
-    if ignored:
+    line, unknown = _describe_ignored(ignored)
+    if line and log is not None:
+        log(f"{path.name}: {line}")
+    if unknown:
         warnings.warn(
-            f"{path}: ignoring {len(ignored)} weights stego does not use: "
-            f"{', '.join(ignored[:12])}{' ...' if len(ignored) > 12 else ''}",
+            f"{path}: ignoring {len(unknown)} weights stego does not use: "
+            f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}",
             stacklevel=2,
         )
     if "cluster_probe.clusters" not in rest or "head.linear.weight" not in rest:
         raise StegoError(
-            f"{path} lacks net.cluster1.* or cluster_probe.clusters; not a STEGO checkpoint"
+            f"{path} lacks net.cluster1.0.* (or net.cluster1.*) or cluster_probe.clusters; "
+            "not a STEGO checkpoint"
         )
 
     name = backbone or _backbone_name(cfg, vit, path)
@@ -219,8 +259,29 @@ def convert_official(
         model.meta.palette = info.palette.tolist()
         model.meta.n_classes = model.meta.n_classes or info.n_classes
     model.meta.extra = {"converted_from": path.name}
+    return OfficialModel(model.eval(), cfg, ignored)
+
+
+def convert_official(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset: str | None = None,
+    backbone: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert an original STEGO ``.ckpt`` into a stego model folder; returns ``out_dir``.
+
+    Arguments as :func:`load_official`; the folder includes the backbone weights.
+    """
+    from stego.pretrained import save_pretrained
+
+    official = load_official(ckpt_path, dataset=dataset, backbone=backbone, log=log)
     return save_pretrained(
-        model, out_dir, train_config={"official": _jsonable(cfg)}, include_backbone=True
+        official.model,
+        out_dir,
+        train_config={"official": _jsonable(official.config)},
+        include_backbone=True,
     )
 
 

@@ -7,22 +7,28 @@ own allowlist). Lightning checkpoints of the original STEGO usually fail that, b
 the file is read again with :class:`RestrictedUnpickler`, whose ``find_class`` returns only:
 
 - containers and scalars of ``builtins`` (dict, list, set, tuple, int, float, str, ...),
-  ``collections.OrderedDict``, the tensor / parameter rebuild functions of ``torch._utils``,
+  ``collections.OrderedDict``, ``collections.defaultdict`` with a ``dict`` / ``list`` / no
+  factory (omegaconf >= 2.1 pickles every config node's ``resolver_cache`` as
+  ``defaultdict(dict)``), the tensor / parameter rebuild functions of ``torch._utils``,
   ``torch.Size``, ``torch.device``, torch dtypes (storages are resolved by ``torch.load`` itself);
 - stand-ins for omegaconf, argparse, Lightning ``AttributeDict``, ``pathlib`` paths and
   ``typing`` names, which only collect the arguments and state they are given; omegaconf is
-  never imported. :func:`to_plain` turns them into dicts, lists and strings.
+  never imported. :func:`to_plain` turns them into dicts, lists and strings;
+- name-only stand-ins for Lightning callback classes: Lightning 1.x keys a checkpoint's
+  ``callbacks`` dict by the callback class itself; the stand-in keeps the name and cannot be
+  instantiated. Lightning is never imported.
 
 Anything else raises :class:`StegoError` naming the refused global, before it could be called.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import types
 import warnings
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,6 +37,7 @@ import torch
 from stego.errors import StegoError
 
 __all__ = [
+    "NameOnly",
     "RestrictedUnpickler",
     "Record",
     "load_checkpoint",
@@ -68,24 +75,32 @@ _TORCH_FUNCTIONS = {
 }
 _RECORD_MODULES = ("omegaconf", "argparse", "typing", "enum")  # collected, never imported
 _DICT_LIKE = {"AttributeDict"}  # Lightning's dict subclass (any lightning module path)
+_LIGHTNING = ("lightning", "pytorch_lightning")
 
 
 class Record:
     """Stand-in for a refused-but-harmless class: keeps the global's name, args and state."""
 
     qualname = "Record"
+    # Class-level defaults: pickle's NEWOBJ (protocol 2, how omegaconf objects are written)
+    # creates instances through __new__ alone, without calling __init__.
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    state: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
         self.kwargs = kwargs
-        self.state: Any = None
-        self.items: dict[Any, Any] = {}
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
     def __setitem__(self, key: Any, value: Any) -> None:  # SETITEMS on dict subclasses
-        self.items[key] = value
+        self.__dict__.setdefault("items", {})[key] = value
+
+    @property
+    def items(self) -> dict[Any, Any]:
+        return self.__dict__.get("items", {})
 
     def __repr__(self) -> str:
         return f"<{self.qualname} args={self.args!r} state={type(self.state).__name__}>"
@@ -93,6 +108,35 @@ class Record:
 
 def _record_class(module: str, name: str) -> type[Record]:
     return type(name, (Record,), {"qualname": f"{module}.{name}", "__module__": __name__})
+
+
+class NameOnly:
+    """Stand-in for a class that a checkpoint may name (as a dict key) but never instantiate."""
+
+    qualname = "NameOnly"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> NameOnly:
+        raise StegoError(
+            f"refused to create an object of {cls.qualname}: a checkpoint may only name this "
+            "class (Lightning keys its callback states by class), not build one"
+        )
+
+
+def _name_only_class(module: str, name: str) -> type[NameOnly]:
+    return type(name, (NameOnly,), {"qualname": f"{module}.{name}", "__module__": __name__})
+
+
+def _defaultdict(*args: Any) -> defaultdict[Any, Any]:
+    """``collections.defaultdict`` as a pickle may call it: only ``dict`` / ``list`` / no factory
+    (the factory runs on every missing key later, so anything else could run code then)."""
+    factory = args[0] if args else None
+    if len(args) > 1 or not (factory is None or factory is dict or factory is list):
+        shown = getattr(factory, "qualname", None) or getattr(factory, "__qualname__", None)
+        raise StegoError(
+            f"refused to load collections.defaultdict with factory {shown or repr(factory)}: "
+            "only dict, list or none are allowed in checkpoints"
+        )
+    return defaultdict(factory)
 
 
 def _pure_path(*parts: Any) -> str:
@@ -103,18 +147,30 @@ class RestrictedUnpickler(pickle.Unpickler):
     """An Unpickler whose ``find_class`` serves only the allowlist of the module docstring."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 0-2 pickles (torch.save's default is 2) name some builtins by their Python 2
+        # names (str is "__builtin__.unicode"); translate them as pickle's own find_class does,
+        # then apply the allowlist to the Python 3 name.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         if module in ("builtins", "__builtin__") and name in _BUILTINS:
             return _builtin(name)
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
+        if (module, name) == ("collections", "defaultdict"):
+            return _defaultdict
         if (module, name) in _TORCH_FUNCTIONS:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if module.split(".")[0] in _RECORD_MODULES:
             return _record_class(module, name)
-        if name in _DICT_LIKE and module.split(".")[0] in ("lightning", "pytorch_lightning"):
-            return dict
+        if module.split(".")[0] in _LIGHTNING:
+            if name in _DICT_LIKE:
+                return dict
+            if "callbacks" in module.split("."):
+                return _name_only_class(module, name)
         if module in ("pathlib", "pathlib._local") and name.endswith("Path"):
             return _pure_path
         raise StegoError(
@@ -196,8 +252,11 @@ def to_plain(obj: Any, _seen: frozenset[int] = frozenset()) -> Any:
 
     omegaconf ``DictConfig`` / ``ListConfig`` become dict / list of their values, value nodes
     their value, ``argparse.Namespace`` a dict; other stand-ins ``{"__class__", "args", "state"}``.
-    Tensors are kept. Reference cycles (omegaconf ``_parent`` links) are cut.
+    Tensors are kept. Reference cycles (omegaconf ``_parent`` links) are cut. Stand-in classes
+    (a Lightning callback class keying ``callbacks``, ``typing.Any``) become their dotted name.
     """
+    if isinstance(obj, type) and issubclass(obj, (Record, NameOnly)):
+        return obj.qualname
     if id(obj) in _seen:
         return None
     seen = _seen | {id(obj)}

@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stego.convert_official import convert_official
 
-    out = convert_official(args.checkpoint, args.out, dataset=args.dataset, backbone=args.backbone)
+    out = convert_official(
+        args.checkpoint, args.out, dataset=args.dataset, backbone=args.backbone, log=print
+    )
     print(f"converted {args.checkpoint} -> {out}")
     return 0

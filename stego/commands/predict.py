@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         metavar="PATH",
         help="model folder (config.json + model.safetensors), a run folder whose "
-        "model/ holds the final model, or a hub id owner/name",
+        "model/ holds the final model, a hub id owner/name, or a checkpoint file of the "
+        "original STEGO code (.ckpt, read safely and converted in memory)",
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     parser.add_argument(
@@ -105,7 +106,16 @@ def run(args: argparse.Namespace) -> int:
     from stego.pretrained import load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(resolve_model_dir(args.checkpoint), device=device)
+    if Path(args.checkpoint).is_file():  # model folders are folders: a file is an original .ckpt
+        from stego.convert_official import load_official
+
+        print(
+            f"reading {args.checkpoint} as an original STEGO checkpoint "
+            "(`stego convert-official` saves the conversion once)"
+        )
+        model = load_official(args.checkpoint, log=print).model.to(device)
+    else:
+        model = load(resolve_model_dir(args.checkpoint), device=device)
     summary = predict_paths(
         model,
         args.inputs,

@@ -7,7 +7,10 @@ created, i.e. the callable was never resolved, let alone called.
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +159,81 @@ def test_convert_official_cli_refuses_in_one_line(tmp_path, helpers, capsys) -> 
     path = tmp_path / "official.ckpt"
     path.write_bytes(pickle.dumps({"state_dict": {}, "p": helpers.Evil(marker)}))
     code = main(["convert-official", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "refused" in err
+    assert not marker.exists()
+
+
+class _DefaultDict:
+    """Pickles as ``collections.defaultdict(factory)``, the way omegaconf's resolver cache does."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+
+    def __reduce__(self):
+        import collections
+
+        return (collections.defaultdict, (self.factory,) if self.factory else ())
+
+
+@pytest.mark.parametrize("factory", [os.system, eval, str, getattr])
+def test_defaultdict_with_unsafe_factory_refused(tmp_path, factory) -> None:
+    """Only dict / list / no factory: anything else would run on the first missing key."""
+    from stego.safe_pickle import load_checkpoint
+
+    path = tmp_path / "dd.ckpt"
+    torch.save({"state_dict": {}, "cache": _DefaultDict(factory)}, path)
+    name = "system" if factory is os.system else factory.__name__
+    with pytest.raises(StegoError, match=rf"refused.*{name}") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("factory", [dict, list, None])
+def test_defaultdict_with_safe_factory_loads(tmp_path, factory) -> None:
+    from stego.safe_pickle import load_checkpoint
+
+    path = tmp_path / "dd.ckpt"
+    torch.save({"cache": _DefaultDict(factory), "w": torch.ones(2)}, path)
+    cache = load_checkpoint(path)["cache"]
+    assert isinstance(cache, defaultdict) and cache.default_factory is factory and not cache
+
+
+def test_lightning_callback_class_is_only_a_name(tmp_path, monkeypatch) -> None:
+    """Lightning 1.x keys `callbacks` by class: naming one loads, building one is refused, and
+    other Lightning globals are refused. A stand-in class registered as Lightning's module while
+    saving makes torch.save record the global Lightning writes."""
+    import types
+
+    from stego.safe_pickle import load_checkpoint, to_plain
+
+    module = "pytorch_lightning.callbacks.model_checkpoint"
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    stand_in = type("ModelCheckpoint", (), {"__module__": module})
+    sys.modules[module].ModelCheckpoint = stand_in
+    torch.save({"callbacks": {stand_in: {"monitor": "test/cluster/mIoU"}}}, tmp_path / "key.ckpt")
+    monkeypatch.undo()
+    name = f"{module}.ModelCheckpoint"
+    loaded = to_plain(load_checkpoint(tmp_path / "key.ckpt"))
+    assert loaded == {"callbacks": {name: {"monitor": "test/cluster/mIoU"}}}
+    (tmp_path / "built.ckpt").write_bytes(f"c{module}\nModelCheckpoint\n)R.".encode())
+    with pytest.raises(StegoError, match="refused to create an object of " + name):
+        load_checkpoint(tmp_path / "built.ckpt")
+    (tmp_path / "trainer.ckpt").write_bytes(b"cpytorch_lightning.trainer.trainer\nTrainer\n)R.")
+    with pytest.raises(StegoError, match="refused.*Trainer"):
+        load_checkpoint(tmp_path / "trainer.ckpt")
+
+
+def test_predict_original_checkpoint_refused_in_one_line(evil, tmp_path, capsys) -> None:
+    """`stego predict --checkpoint X.ckpt` reads an original checkpoint: still no code runs."""
+    obj, marker = evil
+    path = tmp_path / "official.ckpt"
+    torch.save({"state_dict": {"net.model.cls_token": torch.zeros(1, 1, 4)},
+                "hyper_parameters": {"cfg": {"x": obj}}}, path)  # fmt: skip
+    (tmp_path / "img").mkdir()
+    code = main(["predict", str(tmp_path / "img"), "--checkpoint", str(path), "--out",
+                 str(tmp_path / "out"), "--workers", "0", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "refused" in err
     assert not marker.exists()
