@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the parity vectors and the CamVid sample, offline hub."""
+"""Shared fixtures: the shipped parity vectors, the real CamVid folder (../shared), offline hub."""
 
 from __future__ import annotations
 
@@ -11,15 +11,23 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# The parity vectors ship with the tests; STEGO_PARITY points at another set.
+PARITY = Path(os.environ.get("STEGO_PARITY", REPO / "tests" / "data" / "parity"))
+# The real CamVid images may not be redistributed: they live beside the checkout, in ../shared.
 SHARED = Path(os.environ.get("STEGO_SHARED", REPO.parent / "shared"))
+CAMVID = SHARED / "data" / "camvid"
+
+
+def in_ci() -> bool:
+    """True where the CI script runs the suite (CI=true): missing test inputs are failures there."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
-    path = SHARED / "parity"
-    if not path.is_dir():
-        pytest.fail(f"parity vectors not found at {path}; set STEGO_SHARED to the shared/ folder")
-    return path
+    if not PARITY.is_dir():
+        pytest.fail(f"parity vectors not found at {PARITY}; unset STEGO_PARITY to use the shipped")
+    return PARITY
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +43,27 @@ def load_parity(parity_dir: Path):
     return _load
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip a test whose input is missing here; in CI, which must run it, fail instead."""
+    if in_ci():
+        pytest.fail(f"CI=true, so this test must run, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def camvid_dir() -> Path:
-    path = SHARED / "data" / "camvid"
-    if not path.is_dir():
-        pytest.skip(f"CamVid sample not found at {path}")
-    return path
+    """The real CamVid folder (../shared/data/camvid)."""
+    if not CAMVID.is_dir():
+        skip_unless_ci(f"real CamVid not found at {CAMVID} (STEGO_SHARED: the shared/ folder)")
+    return CAMVID
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium executable for the browser tests."""
+    from chromium_cdp import find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        skip_unless_ci("Chromium not installed (Debian: apt-get install chromium)")
+    return exe

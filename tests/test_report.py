@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,6 @@ from test_evaluation import NAMES, PALETTE, block_dataset, colour_model
 from stego.errors import StegoError
 from stego.evaluation import evaluate, write_outputs
 from stego.report import find_eval_dir, write_report
-
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)
 
 
 @pytest.fixture()
@@ -79,20 +74,71 @@ def test_cli_report(eval_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(eval_dir / "missing")]) == 2
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
-def test_report_screenshot_is_not_blank(eval_dir: Path, tmp_path: Path) -> None:
+# The report in a real browser: what the page shows once Chromium has laid it out and decoded its
+# images, read back from the DOM (the h2 headings and table layout are those _render writes).
+RENDERED = """(() => {
+  const after = t => [...document.querySelectorAll('h2')].find(h => h.textContent === t)
+                     .nextElementSibling;
+  const cells = table => [...table.rows].map(r => [...r.cells].map(c => c.innerText.trim()));
+  return {
+    scores: cells(after('Scores')),
+    classes: cells(after('Per-class IoU')),
+    images: [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth,
+                                          i.naturalHeight, i.getBoundingClientRect().width]),
+  };
+})()"""
+
+
+def test_report_renders_in_chromium(eval_dir: Path, tmp_path: Path, chromium: str) -> None:
+    from chromium_cdp import Browser
     from PIL import Image
 
+    # distinct scores in every cell (the tiny evaluation scores 100 everywhere), so a cell shown
+    # in the wrong place or left empty is caught
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    for probe, scores in (("cluster", (91.24, 64.56, 71.1, 62.2, 53.3)),
+                          ("linear", (88.81, 55.62, 44.4, 35.5, 26.6))):  # fmt: skip
+        metrics[probe]["accuracy"], metrics[probe]["miou"] = scores[:2]
+        metrics[probe]["iou"] = dict(zip(NAMES, scores[2:], strict=True))
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
     page = write_report(eval_dir)
-    shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           f"--screenshot={shot}", "--window-size=1200,2000", page.resolve().as_uri()]
-    subprocess.run(cmd, check=False, capture_output=True, timeout=120)
-    assert shot.is_file(), "chromium wrote no screenshot"
+    # a copy with a missing figure and a failing script: the checks below must see both
+    broken = page.with_name("broken.html")
+    broken.write_text(
+        page.read_text()
+        .replace("report_assets/iou.png", "report_assets/gone.png")
+        .replace("</body>", "<script>undefinedFunction()</script></body>")
+    )
+    with Browser(chromium, size=(1200, 2000)) as browser:
+        browser.open(page.resolve().as_uri())
+        shown = browser.evaluate(RENDERED)
+        shot = browser.screenshot(tmp_path / "shot.png")
+        assert browser.errors == []  # no console error, exception or failed load
+        browser.open(broken.resolve().as_uri())
+        broken_images = browser.evaluate(RENDERED)["images"]
+        broken_errors = browser.errors
+
+    fmt = "{:.1f}".format
+    assert shown["scores"] == [
+        ["metric", "cluster", "linear"],
+        ["accuracy (%)", fmt(metrics["cluster"]["accuracy"]), fmt(metrics["linear"]["accuracy"])],
+        ["mIoU (%)", fmt(metrics["cluster"]["miou"]), fmt(metrics["linear"]["miou"])],
+    ]
+    assert [row[0] for row in shown["classes"][1:]] == NAMES
+    for row, name in zip(shown["classes"][1:], NAMES, strict=True):
+        assert row[1] == fmt(metrics["cluster"]["iou"][name])
+        assert row[3] == fmt(metrics["linear"]["iou"][name])
+    # every figure decoded at its file's size and laid out: 2 plots + 3 examples x 5 panels
+    assert len(shown["images"]) == 2 + 3 * 5
+    for src, width, height, laid_out in shown["images"]:
+        assert (width, height) == Image.open(eval_dir / src).size, src
+        assert laid_out > 0, src
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (2000, 1200)
-    colours = np.unique(pixels.reshape(-1, 3)[::7], axis=0)
-    assert len(colours) > 20  # text, bars, confusion colour map and the gallery images
-    # the pure red / green / blue blocks of the gallery images are on the page
-    for rgb in PALETTE:
+    assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 20  # text, plots, gallery
+    for rgb in PALETTE:  # the pure red / green / blue blocks of the gallery images
         assert (np.abs(pixels.astype(int) - rgb).sum(-1) < 30).sum() > 100
+
+    assert [w for src, w, *_ in broken_images if src.endswith("gone.png")] == [0]
+    assert any("gone.png" in e for e in broken_errors), broken_errors
+    assert any("undefinedFunction" in e for e in broken_errors), broken_errors
