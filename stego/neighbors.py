@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "sample_positive",
     "positive_index",
     "original_table_path",
+    "original_table_order_problem",
 ]
 
 DEFAULT_MAX_MEMORY_BYTES = 256 * 2**20
@@ -288,7 +290,8 @@ class NeighborTable:
 
     Saved as one safetensors file (tensor ``indices``; the fingerprint as JSON in the metadata).
     :meth:`load` also reads the original code's ``nns_*.npz`` (key ``nns``, (N, 30)), whose only
-    fingerprint is its length.
+    fingerprint is its length; its full-image Cityscapes tables are refused (see
+    :func:`original_table_order_problem`). ``stego train`` never reads ``nns/`` (own tables).
     """
 
     indices: Tensor
@@ -354,6 +357,9 @@ class NeighborTable:
 
     @classmethod
     def _load_original(cls, path: Path, expected: Mapping[str, Any] | None) -> NeighborTable:
+        problem = original_table_order_problem(path, expected)
+        if problem:
+            raise StegoError(problem)
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "nns" not in data.files:
@@ -437,11 +443,11 @@ def positive_index(
     return int(neighbors_row[1 + h % num_neighbors])
 
 
+# the original's `dataset_name` where stego's registry name differs (folder prefix of nns/ files)
+_ORIGINAL_DATASET = {"cityscapes27": "cityscapes", "potsdam3": "potsdam"}
+
 _ORIGINAL_MODEL_TYPE = {
-    "dino-vits8": "vit_small",
-    "dino-vits16": "vit_small",
-    "dino-vitb8": "vit_base",
-    "dino-vitb16": "vit_base",
+    f"dino-vit{size[0]}{patch}": f"vit_{size}" for size in ("small", "base") for patch in (8, 16)
 }
 
 
@@ -453,10 +459,41 @@ def original_table_path(
     crop_type: str,
     resolution: int,
 ) -> Path:
-    """Where the original code keeps its table.
+    """Where the original code keeps its table for stego's ``backbone`` / ``dataset`` names.
 
-    ``<root>/nns/nns_<model>_<dataset>_<split>_<crop>_<res>.npz``, model ``vit_small``/``vit_base``.
+    ``<root>/nns/nns_<model>_<dataset>_<split>_<crop>_<res>.npz`` with the original's names:
+    model ``vit_small`` / ``vit_base`` (the patch size is not in the name, so ViT-S/8 and
+    ViT-S/16 tables share one), dataset ``cityscapes`` / ``potsdam`` for ``cityscapes27`` /
+    ``potsdam3``, crop ``five`` or ``None``.
     """
     model = _ORIGINAL_MODEL_TYPE.get(backbone, backbone)
-    crop = "None" if crop_type == "none" else crop_type
-    return Path(data_root) / "nns" / f"nns_{model}_{dataset}_{split}_{crop}_{resolution}.npz"
+    name = _ORIGINAL_DATASET.get(dataset, dataset)
+    crop = "None" if crop_type in ("none", None, "None") else crop_type
+    return Path(data_root) / "nns" / f"nns_{model}_{name}_{split}_{crop}_{resolution}.npz"
+
+
+_CITYSCAPES_FULL = re.compile(r"nns_.+_cityscapes_(?P<split>.+)_None_(?P<resolution>\d+)\.npz")
+
+
+def original_table_order_problem(
+    path: str | os.PathLike[str], expected: Mapping[str, Any] | None = None
+) -> str | None:
+    """Why an original ``nns_*.npz`` cannot be applied to stego's item order, or None.
+
+    Full-image Cityscapes (told by the file name or by ``expected``): the original listed it in
+    ``os.listdir`` order (file-system dependent), stego sorts, so rows would describe other
+    images. Five-crop tables are fine: crops are numbered files, read in that order.
+    """
+    path, want = Path(path), dict(expected or {})
+    told = want.get("dataset") in ("cityscapes27", "cityscapes") and want.get("crop_type", "none")
+    named = _CITYSCAPES_FULL.fullmatch(path.name)
+    if not (named or told == "none"):
+        return None
+    fp = {**(named.groupdict() if named else {}), **want, "dataset": "cityscapes27"}
+    fp = {**fp, "crop_type": "none", "resolution": int(fp.get("resolution", 224))}
+    return (
+        f"{path} is the original code's neighbour table for full-image Cityscapes, whose rows "
+        "follow os.listdir order (file-system dependent) while stego lists images sorted, so "
+        "its rows would be applied to other images; it is refused. Build stego's own table with "
+        f"`{rebuild_command(fp)}` (five-crop tables of the original are read as they are)."
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from stego import backbones as bb
@@ -274,3 +275,63 @@ def test_cached_hub_weights_load_without_network(
     monkeypatch.setattr(bb, "_cached_hub_file", lambda *_: str(tmp_path / "model.safetensors"))
     backbone = build_backbone("tiny-hub")
     assert backbone.weights_digest == weights_digest(state)
+
+
+def _pos_tokens(backbone: Backbone, h: int, w: int) -> torch.Tensor:
+    """Position embedding added to each token (class token first) for an h x w patch grid."""
+    model = backbone.model
+    x = torch.zeros(1, h, w, backbone.embed_dim)
+    with torch.no_grad():
+        tokens = model._pos_embed(x)  # (1, 1 + h*w, D): zero patches + cls token, plus positions
+    return tokens - torch.cat([model.cls_token, torch.zeros(1, h * w, backbone.embed_dim)], 1)
+
+
+@pytest.mark.parametrize("name", ["dino-vits8", "dino-vits16"])
+def test_dino_v1_resizes_positions_by_its_scale_factor_rule(name: str) -> None:
+    # DINO v1 (facebookresearch/dino vision_transformer.interpolate_pos_encoding, also in the
+    # original STEGO): bicubic by scale_factor ((H/p + 0.1) / sqrt(N), (W/p + 0.1) / sqrt(N))
+    # on the (1, D, sqrt(N), sqrt(N)) grid, align_corners False, class position kept.
+    import math
+
+    backbone = build_backbone(name, pretrained=False)
+    assert BACKBONES[name].pos_embed == "dino" and backbone.model.stego_pos_embed_rule == "dino"
+    pos = backbone.model.pos_embed.detach()  # (1, 1 + N, D)
+    n = pos.shape[1] - 1
+    side, dim = int(math.sqrt(n)), pos.shape[2]
+    grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    for h, w in [(5, 7), (40, 40), (side + 1, side - 3)]:
+        scale = ((h + 0.1) / math.sqrt(n), (w + 0.1) / math.sqrt(n))
+        resized = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+        expected = torch.cat([pos[:, :1], resized.permute(0, 2, 3, 1).reshape(1, h * w, dim)], 1)
+        got = _pos_tokens(backbone, h, w)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        by_size = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        assert (resized - by_size).abs().max() > 1e-3  # timm-style resizing would differ here
+    torch.testing.assert_close(_pos_tokens(backbone, side, side), pos, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "dinov2-vits14"])
+def test_other_backbones_keep_resizing_positions_by_target_size(name: str) -> None:
+    torch.manual_seed(0)
+    backbone = build_backbone(name, pretrained=False)
+    model = backbone.model
+    assert BACKBONES[name].pos_embed == "size" and model.stego_pos_embed_rule == "size"
+    pos = model.pos_embed.detach()
+    gh, gw = model.patch_embed.grid_size
+    grid = pos[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    h, w = gh + 3, gw - 1
+    resized = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    expected = torch.cat([pos[:, :1], resized.permute(0, 2, 3, 1).reshape(1, h * w, -1)], 1)
+    torch.testing.assert_close(_pos_tokens(backbone, h, w), expected, rtol=0, atol=1e-6)
+
+
+def test_dinov3_uses_rotary_positions_untouched() -> None:
+    assert BACKBONES["dinov3-vits16"].pos_embed == "size"
+    with torch.device("meta"):
+        backbone = build_backbone("dinov3-vits16", pretrained=False)
+    assert not hasattr(backbone.model, "stego_pos_embed_rule")
+
+
+def test_resize_pos_grid_rejects_unknown_rules() -> None:
+    with pytest.raises(StegoError, match="unknown position-embedding rule"):
+        bb.resize_pos_grid(torch.zeros(1, 2, 4, 4), (3, 3), "nearest")

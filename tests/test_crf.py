@@ -19,6 +19,7 @@ from stego.crf import (
     dense_crf_batch,
     dense_crf_labels,
     image_to_uint8,
+    images_to_uint8_original,
     unary_energy,
     upsample_probs,
 )
@@ -82,6 +83,29 @@ def test_image_to_uint8(ref):
     std = ref["imagenet_std"][:, None, None]
     unit = ref["image"] * std + mean  # (3, H, W) in [0, 1]
     np.testing.assert_array_equal(image_to_uint8(unit), ref["image_uint8_rgb"])
+
+
+def test_original_crf_picture_truncates_after_the_normalisation_round_trip():
+    # The original's chain, as torch ops: ToTensor (bytes / 255), Normalize (sub_/div_ by
+    # float32 tensors), its UnNormalize (per channel t.mul_(std).add_(mean), python floats),
+    # then to_pil_image: x.mul(255).byte().
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    stored = torch.arange(256, dtype=torch.uint8).repeat(3, 2, 1)  # every byte, (3, 2, 256)
+    x = stored.float().div(255)
+    t = x.clone().sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+    for channel, m, s in zip(t, mean, std, strict=True):
+        channel.mul_(s).add_(m)
+    expected = t.mul(255).byte().permute(1, 2, 0).numpy()  # (2, 256, 3)
+    got = images_to_uint8_original(x[None])
+    assert got.shape == (1, 2, 256, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[0], expected)
+    # the round trip lowers many stored bytes by one; rounding would give them back
+    hwc = stored.permute(1, 2, 0).numpy()
+    lowered = hwc != got[0]
+    assert lowered.sum() > 100
+    assert (hwc[lowered] - 1 == got[0][lowered]).all()
+    with pytest.raises(StegoError, match=r"\(B, 3, H, W\)"):
+        images_to_uint8_original(x)
 
 
 def test_bad_input_names_the_fix(ref, monkeypatch):

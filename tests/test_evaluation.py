@@ -150,10 +150,10 @@ def test_images_to_uint8_recovers_bytes() -> None:
 
 
 @pytest.mark.skipif(not HAS_CRF, reason="pydensecrf not installed")
-@pytest.mark.parametrize("workers", [1, 2])
-def test_evaluate_with_crf(workers: int) -> None:
+@pytest.mark.parametrize("workers,crf_image", [(1, "round"), (2, "round"), (1, "truncate")])
+def test_evaluate_with_crf(workers: int, crf_image: str) -> None:
     result = evaluate(colour_model(), block_dataset(3), n_classes=3, progress=False, crf=True,
-                      crf_workers=workers, batch_size=2)
+                      crf_workers=workers, batch_size=2, crf_image=crf_image)
     for scores in (result.cluster, result.linear):
         assert scores is not None and 0.0 <= scores.miou <= 100.0
         assert scores.accuracy > 90.0  # the CRF keeps clean colour blocks intact
@@ -318,3 +318,61 @@ def test_evaluate_a_trained_run_and_its_lightning_checkpoint(tmp_path: Path) -> 
         assert result.n_images == 6 and 0.0 <= result.cluster.miou <= 100.0
         metrics = json.loads((tmp_path / out / "metrics.json").read_text())
         assert metrics["config"]["model"]["backbone"] == "tiny-vit"
+
+
+@pytest.mark.parametrize(
+    "preset,expected",
+    [
+        ("cocostuff27", ("nearest", "truncate")),
+        ("cocostuff27-vits8", ("nearest", "truncate")),
+        ("cityscapes27", ("nearest", "truncate")),
+        ("potsdam3", ("nearest", "truncate")),
+        ("camvid", ("bilinear", "round")),
+    ],
+)
+def test_paper_presets_prepare_pixels_like_the_original(preset: str, expected: tuple) -> None:
+    from stego.config import load_config
+    from stego.evaluation import _preparation
+
+    assert _preparation(load_config(preset=preset).to_dict()) == expected
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="stego.data not available yet")
+@pytest.mark.parametrize(
+    "train_config,expected",
+    [
+        # convert_official saves the original's cfg under "official" (stego.convert_official)
+        ({"official": {"model_type": "vit_small", "res": 224}}, ("nearest", "truncate")),
+        ({"data": {"interpolation": "nearest", "crf_image": "round"}}, ("nearest", "round")),
+        (None, ("bilinear", "round")),
+    ],
+)
+def test_evaluate_checkpoint_prepares_pixels_as_the_model_was_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_config: dict | None, expected: tuple
+) -> None:
+    import stego.evaluation as ev
+    from stego.pretrained import save_pretrained
+
+    seen: dict = {}
+    real = ev.evaluate
+
+    def spy(model, dataset, **kwargs):
+        seen["interpolation"] = dataset.transform.interpolation
+        seen["crf_image"] = kwargs["crf_image"]
+        return real(model, dataset, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    data = _camvid_like(tmp_path / "camvid", n=1)
+    save_pretrained(_tiny_camvid_model(), tmp_path / "m", include_backbone=True,
+                    train_config=train_config)
+    kw = dict(out=tmp_path / "eval", resolution=32, progress=False, echo=None, n_figure_images=0)
+    ev.evaluate_checkpoint(tmp_path / "m", data, **kw)
+    assert (seen["interpolation"], seen["crf_image"]) == expected
+    settings = json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval_settings"]
+    assert (settings["interpolation"], settings["crf_image"]) == expected
+    if train_config is not None:
+        return
+    ev.evaluate_checkpoint(tmp_path / "m", data, interpolation="nearest", **kw)  # explicit wins
+    assert seen["interpolation"] == "nearest"
+    with pytest.raises(StegoError, match="unknown crf_image"):
+        ev.evaluate_checkpoint(tmp_path / "m", data, crf_image="floor", **kw)

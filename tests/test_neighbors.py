@@ -23,6 +23,7 @@ from stego.neighbors import (
     chunk_rows,
     collect_global_features,
     global_features,
+    original_table_path,
     positive_index,
     sample_positive,
     topk_cosine,
@@ -270,6 +271,45 @@ def test_original_npz(tmp_path):
     np.savez(tmp_path / "obj.npz", nns=np.array([object()] * 3))
     with pytest.raises(StegoError):
         NeighborTable.load(tmp_path / "obj.npz")
+
+
+def test_original_table_path_uses_the_originals_names(tmp_path):
+    # precompute_knns.py writes nns/nns_{cfg.model_type}_{dataset_name}_{image_set}_{crop_type}_
+    # {res}.npz with dataset_name in cocostuff27 / cityscapes / potsdam and crop_type five / None
+    cases = [
+        ("dino-vits8", "cityscapes27", "val", "none", "vit_small_cityscapes_val_None"),
+        ("dino-vitb8", "cityscapes27", "train", "five", "vit_base_cityscapes_train_five"),
+        ("dino-vits16", "potsdam3", "train", "none", "vit_small_potsdam_train_None"),
+        ("dino-vits8", "cocostuff27", "train", "five", "vit_small_cocostuff27_train_five"),
+    ]
+    for backbone, dataset, split, crop, name in cases:
+        assert original_table_path(tmp_path, backbone, dataset, split, crop, 224) == (
+            tmp_path / "nns" / f"nns_{name}_224.npz"
+        )
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_original_full_image_cityscapes_tables_are_refused(tmp_path, split):
+    nns = np.stack([np.roll(np.arange(40), -i)[:30] for i in range(40)])
+    path = original_table_path(tmp_path, "dino-vitb8", "cityscapes27", split, "none", 224)
+    path.parent.mkdir()
+    np.savez_compressed(path, nns=nns)  # as precompute_knns.py saves it
+    for expected in (None, {"num_items": 40}):
+        hint = rf"os\.listdir order .*`stego knn --dataset cityscapes27 .*--split {split}"
+        with pytest.raises(StegoError, match=hint):
+            NeighborTable.load(path, expected_fingerprint=expected)
+    # the same rows under another name, said by the fingerprint to be full-image Cityscapes
+    other = tmp_path / "renamed.npz"
+    np.savez_compressed(other, nns=nns)
+    with pytest.raises(StegoError, match="full-image Cityscapes"):
+        full = fp(dataset="cityscapes27", crop_type="none", num_items=40)
+        NeighborTable.load(other, expected_fingerprint=full)
+    # five-crop tables are numbered crop files, read in that order: accepted
+    five = original_table_path(tmp_path, "dino-vitb8", "cityscapes27", split, "five", 224)
+    np.savez_compressed(five, nns=nns)
+    crops = fp(dataset="cityscapes27", crop_type="five", num_items=40)
+    table = NeighborTable.load(five, expected_fingerprint=crops)
+    assert np.array_equal(table.indices.numpy(), nns)
 
 
 def test_sample_positive_ranks():

@@ -7,8 +7,12 @@ optional :class:`~stego.data.transforms.PairTransform`. An item is a dict::
      "index": int, "path": str}
 
 ``label`` is absent when the split has no labels. Without a transform, images and labels come
-at full resolution. Expected layouts (``root`` is ``--data-root``; the dataset folder itself is
-accepted too):
+at full resolution. Images of a labelled dataset are read as stored, without applying their
+EXIF orientation tag (the labels were drawn on the stored pixels, and the original code read
+them so); images without labels are turned upright by the tag. Potsdam tiles whose
+``gt/<id>.mat`` is absent are unlabelled (every pixel IGNORE), as in the original code; every
+other dataset refuses a missing label file. Expected layouts (``root`` is ``--data-root``; the
+dataset folder itself is accepted too):
 
 - COCO-Stuff: ``root/cocostuff/images/{train2017,val2017}/<id>.jpg``,
   ``root/cocostuff/annotations/{train2017,val2017}/<id>.png`` (stuffthingmaps fine ids), image
@@ -24,6 +28,7 @@ accepted too):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +41,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from stego.data.label_maps import LabelMap
+from stego.data.label_maps import IGNORE, LabelMap
 from stego.data.readers import read_image, read_label, read_mat_array
 from stego.data.transforms import PairTransform
 from stego.errors import StegoError
@@ -56,6 +61,8 @@ __all__ = [
 ]
 
 Transform = Callable[..., Any]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -170,15 +177,12 @@ POTSDAM_LISTS: dict[str, tuple[str, ...]] = {
 """Potsdam split name -> split list files (as in the original code)."""
 
 
-def _with_optional_labels(samples: list[Sample], what: str) -> list[Sample]:
-    """Keep labels if all exist, drop them if none exist, refuse a partial label set."""
-    present = [s.label is not None and s.label.is_file() for s in samples]
-    if all(present):
+def _with_optional_labels(samples: list[Sample]) -> list[Sample]:
+    """Drop the label paths when no label exists (an unlabelled split); else keep them all,
+    the missing ones included (:class:`PotsdamDataset` reads those as unlabelled)."""
+    if any(s.label is not None and s.label.is_file() for s in samples):
         return samples
-    if not any(present):
-        return [Sample(s.image) for s in samples]
-    _check_labels_exist(samples)
-    return samples  # pragma: no cover
+    return [Sample(s.image) for s in samples]
 
 
 def potsdam_samples(root: str | Path, split: str) -> list[Sample]:
@@ -197,9 +201,7 @@ def potsdam_samples(root: str | Path, split: str) -> list[Sample]:
     missing = [s.image for s in samples if not s.image.is_file()]
     if missing:
         raise StegoError(f"{len(missing)} Potsdam images are missing, e.g. {missing[0]}.")
-    return _nonempty(
-        _with_optional_labels(samples, "Potsdam"), base / POTSDAM_LISTS[split][0], split
-    )
+    return _nonempty(_with_optional_labels(samples), base / POTSDAM_LISTS[split][0], split)
 
 
 def _tile_key(path: Path) -> tuple[int | str, ...]:
@@ -213,7 +215,7 @@ def potsdamraw_samples(root: str | Path, split: str) -> list[Sample]:
     img_dir = _require_dir(base / "imgs", "Potsdam raw images")
     images = sorted(img_dir.glob("*.mat"), key=_tile_key)
     samples = [Sample(p, base / "gt" / p.name) for p in images]
-    return _nonempty(_with_optional_labels(samples, "Potsdam raw"), img_dir, split)
+    return _nonempty(_with_optional_labels(samples), img_dir, split)
 
 
 class SegmentationDataset(Dataset):
@@ -225,6 +227,7 @@ class SegmentationDataset(Dataset):
         transform: applied as ``transform(image, label)``; a :class:`PairTransform` or any
             callable returning (image tensor, label tensor or None). ``None``: full resolution.
         name: dataset name, used in messages.
+        exif: apply the images' EXIF orientation; ``None`` = only when there are no labels.
     """
 
     def __init__(
@@ -234,11 +237,13 @@ class SegmentationDataset(Dataset):
         label_map: LabelMap | None,
         transform: Transform | None = None,
         name: str = "dataset",
+        exif: bool | None = None,
     ) -> None:
         self.samples = list(samples)
         self.label_map = label_map
         self.transform = transform
         self.name = name
+        self.exif = label_map is None if exif is None else exif
 
     @property
     def has_labels(self) -> bool:
@@ -254,7 +259,7 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[Image.Image | Tensor, np.ndarray | None]:
         """Full-resolution image (PIL RGB or (3, H, W) tensor) and mapped label (H, W) int64."""
         sample = self.samples[index]
-        image = read_image(sample.image)
+        image = read_image(sample.image, exif=self.exif)
         if sample.label is None or self.label_map is None:
             return image, None
         raw = read_label(sample.label)
@@ -284,8 +289,8 @@ def _check_size(image_hw: tuple[int, ...], label_hw: tuple[int, ...], sample: Sa
     if tuple(image_hw) != tuple(label_hw):
         raise StegoError(
             f"label {sample.label} is {label_hw[0]}x{label_hw[1]} but image {sample.image} is "
-            f"{image_hw[0]}x{image_hw[1]} (H x W); they must match. If the image carries an EXIF "
-            "rotation, labels are not rotated: save the image upright."
+            f"{image_hw[0]}x{image_hw[1]} (H x W); they must match (labelled images are read "
+            "as stored, their EXIF rotation not applied)."
         )
 
 
@@ -314,13 +319,33 @@ def potsdam_image(arr: np.ndarray, path: Path) -> Tensor:
 
 
 class PotsdamDataset(SegmentationDataset):
-    """Potsdam ``.mat`` tiles: image key ``img`` (first 3 of 4 channels), label key ``gt``."""
+    """Potsdam ``.mat`` tiles: image key ``img`` (first 3 of 4 channels), label key ``gt``.
+
+    A tile whose ``gt`` file is absent is unlabelled (label all IGNORE), as the original code
+    read it; :attr:`unlabelled` counts them (logged as a warning when the dataset is built).
+    """
+
+    def __init__(self, samples: Sequence[Sample], **kwargs: Any) -> None:
+        super().__init__(samples, **kwargs)
+        missing = [s for s in self.samples if s.label is not None and not s.label.is_file()]
+        self.unlabelled = len(missing)
+        if missing:
+            log.warning(
+                "%s: %d of %d tiles have no gt file (e.g. %s); they are read as unlabelled "
+                "(every pixel ignored), as the original code did.",
+                self.name,
+                len(missing),
+                len(self.samples),
+                missing[0].label,
+            )
 
     def load(self, index: int) -> tuple[Image.Image | Tensor, np.ndarray | None]:
         sample = self.samples[index]
         image = potsdam_image(read_mat_array(sample.image, "img"), sample.image)
         if sample.label is None or self.label_map is None:
             return image, None
+        if not sample.label.is_file():
+            return image, np.full(tuple(image.shape[1:]), IGNORE, dtype=np.int64)
         raw = read_mat_array(sample.label, "gt")
         if raw.ndim == 3 and raw.shape[-1] == 1:
             raw = raw[..., 0]

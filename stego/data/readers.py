@@ -1,10 +1,10 @@
 """Reading images and label maps from disk, with errors that name the file and the fix.
 
 Images come back as RGB ``PIL.Image`` objects whatever the stored mode (L, P, RGBA, CMYK,
-16-bit, float...), rotated upright by their EXIF orientation tag. **Labels are never rotated**:
-label PNGs carry no EXIF, and a photo whose EXIF says "rotate" would need its label drawn on
-the rotated pixels; if the rotated image no longer matches its label's size, the dataset
-reports a size mismatch naming both files.
+16-bit, float...). The EXIF orientation tag is applied only when asked (``exif=True``, the
+default, for unlabelled photos: ``stego segment``, ``predict``, folders without labels).
+Labelled datasets read the stored pixels (``exif=False``), as the original code did: labels are
+never rotated, so only the stored pixels line up with them.
 
 Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) stays active; an image over
 the limit raises :class:`StegoError` saying how to raise it. Truncated, empty or non-image
@@ -88,14 +88,15 @@ def image_to_uint8_rgb(image: Image.Image) -> Image.Image:
         ) from exc
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Read an image as upright 8-bit RGB (EXIF orientation applied). Size ``(W, H)``."""
+def read_image(path: str | Path, *, exif: bool = True) -> Image.Image:
+    """Read an image as 8-bit RGB, size ``(W, H)``; upright by its EXIF tag when ``exif``."""
     path = Path(path)
     image = _open(path, "image")
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception as exc:  # malformed EXIF must not crash a long run
-        warnings.warn(f"ignoring unreadable EXIF orientation of {path}: {exc}", stacklevel=2)
+    if exif:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception as exc:  # malformed EXIF must not crash a long run
+            warnings.warn(f"ignoring unreadable EXIF orientation of {path}: {exc}", stacklevel=2)
     try:
         result = image_to_uint8_rgb(image)
     except StegoError as exc:

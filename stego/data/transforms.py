@@ -4,11 +4,14 @@ Random parameters (crop offset, flip) are drawn once per call from an injectable
 ``torch.Generator`` and applied to image and label alike; no global RNG is ever reseeded.
 Labels are always resized with nearest neighbour. Images use antialiased bilinear by default;
 ``interpolation="nearest"`` reproduces the original STEGO code, which resized images with
-nearest neighbour too. Label *mapping* (raw ids -> classes) is the dataset's job, not this one.
+PIL's NEAREST too. Nearest always follows PIL's rule, for PIL images and tensors alike (see
+:func:`pil_nearest_indices`), so image and label pick the same source pixels. Label *mapping*
+(raw ids -> classes) is the dataset's job, not this one.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -19,7 +22,14 @@ from torch import Tensor
 
 from stego.errors import StegoError
 
-__all__ = ["PairTransform", "PairOutput", "Padded", "pad_to_multiple", "resized_size"]
+__all__ = [
+    "PairTransform",
+    "PairOutput",
+    "Padded",
+    "pad_to_multiple",
+    "pil_nearest_indices",
+    "resized_size",
+]
 
 Crop = Literal["center", "none", "random"]
 Interpolation = Literal["bilinear", "nearest"]
@@ -41,6 +51,24 @@ def resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     if height <= width:
         return resolution, int(resolution * width / height)
     return int(resolution * height / width), resolution
+
+
+@lru_cache(maxsize=64)
+def _nearest_indices(src: int, dst: int) -> Tensor:
+    # Asked of PIL itself: its NEAREST walks a running sum (start step/2, step src/dst, in
+    # double) and floors it, so at exact half-way positions accumulated rounding decides the
+    # side; closed forms such as floor((i + 0.5) * src / dst) disagree there (25 of 224 columns
+    # for 64 -> 224). The x mapping does not depend on the other axis, so one row suffices.
+    row = Image.fromarray(np.arange(src, dtype=np.int32)[None, :])  # mode "I", 1 x src
+    picked = np.asarray(row.resize((dst, 1), Image.Resampling.NEAREST))[0]
+    return torch.from_numpy(picked.astype(np.int64))
+
+
+def pil_nearest_indices(src: int, dst: int) -> Tensor:
+    """(dst,) int64: the source index PIL's NEAREST resize takes for each of ``dst`` outputs."""
+    if src < 1 or dst < 1:
+        raise StegoError(f"sizes must be positive, got {src} -> {dst}.")
+    return _nearest_indices(int(src), int(dst))
 
 
 def _image_to_tensor(image: Image.Image | Tensor | np.ndarray) -> Tensor:
@@ -150,9 +178,11 @@ class PairTransform:
             out = F.interpolate(
                 tensor[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True
             )
-        else:  # same pixel-centre convention as PIL NEAREST, so labels stay aligned
-            out = F.interpolate(tensor[None], size=(h, w), mode="nearest-exact")
-        return out[0].clamp_(0.0, 1.0)
+            return out[0].clamp_(0.0, 1.0)
+        # PIL's own source pixels (labels are resized by PIL): image and label stay aligned
+        rows = pil_nearest_indices(tensor.shape[1], h).to(tensor.device)
+        cols = pil_nearest_indices(tensor.shape[2], w).to(tensor.device)
+        return tensor.index_select(1, rows).index_select(2, cols)  # (3, h, w)
 
     def __call__(
         self,
