@@ -50,11 +50,16 @@ class DataConfig:
     val_images: int = 64  # held-out images when val_split is None: enough for a stable mIoU
     crop_type: Literal["none", "five"] = "none"  # "five": 4 corners + centre, as the paper
     resolution: int = 224  # the paper trains at 224 (28x28 features with patch 8)
-    # The original resized images with nearest neighbour; bilinear is the better default and
-    # labels always use nearest whatever this says.
+    # Image resize. "nearest" is the original's (PIL's NEAREST rule), set by the paper presets
+    # so that results match the original's; bilinear is smoother for everything else. Labels
+    # always use nearest whatever this says.
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    # The CRF's uint8 picture at evaluation: "round" gives back the stored bytes; "truncate" is
+    # the original's (normalisation undone in float32, x * 255 cut), set by the paper presets.
+    crf_image: Literal["round", "truncate"] = "round"
     # Where feature caches and neighbour tables go. None = <data_root>/stego-cache (shared by
-    # `stego features`, `stego knn` and `stego train`); set it when the data root is read-only.
+    # `stego features`, `stego knn` and `stego train`), or a folder under ~/.cache/stego/data/
+    # when the data root is read-only (stego.fingerprint.default_cache_root).
     cache_dir: str | None = None
     crop_dir: str | None = None  # where five-crops live; None = <data_root>/cropped (`stego crop`)
     skip_bad: bool = False  # folder dataset: skip unreadable images (listed in a warning)
@@ -120,9 +125,14 @@ class TrainConfig:
     devices: int = 1  # devices per node; >1 uses DDP (gloo on CPU)
     num_nodes: int = 1  # machines; the global batch is split across devices x nodes
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    # Train from cached backbone features (~20x faster, same positives and order). "auto" =
-    # use a cache when one already exists for this backbone / split / resolution.
-    use_feature_cache: bool | Literal["auto"] = "auto"
+    # Train from cached backbone features: ~20x faster and the same result, because the backbone
+    # is frozen and the training images are prepared deterministically (resize + centre crop),
+    # so every step would compute the same features again. true = build the cache (and the
+    # neighbour table) on first use, reuse it afterwards; false = the backbone every step (only
+    # for images that change from step to step, e.g. random augmentation added in your own
+    # dataset code, or a disk too small for the cache); "auto" = use a finished cache, never
+    # build one.
+    use_feature_cache: bool | Literal["auto"] = True
     # After training, replace the gradient-trained cluster centroids by spherical k-means on the
     # training codes (k-means++, 10 restarts, lowest inertia; label-free). Off = the paper's
     # probe; on CamVid it gained ~5 mIoU (docs/benchmarks.md).

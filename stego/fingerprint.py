@@ -44,6 +44,7 @@ __all__ = [
     "check_fingerprint",
     "rebuild_command",
     "artifact_dir",
+    "default_cache_root",
     "BackboneBatch",
     "backbone_batches",
     "GlobalFeatures",
@@ -216,6 +217,21 @@ def check_fingerprint(
         )
 
 
+def default_cache_root(data_root: str | os.PathLike[str]) -> Path:
+    """``<data_root>/stego-cache`` when it exists or the data root is writable; otherwise (a
+    read-only dataset) ``<user cache>/data/<folder name>-<sha256 of its absolute path, 8 hex>``
+    under ``$STEGO_CACHE`` / ``$XDG_CACHE_HOME/stego`` / ``~/.cache/stego``."""
+    from stego.offline_dinov2 import cache_dir as user_cache_dir
+
+    root = Path(data_root).expanduser()
+    inside = root / "stego-cache"
+    if inside.is_dir() or not root.is_dir() or os.access(root, os.W_OK):
+        return inside
+    resolved = root.resolve()
+    tag = hashlib.sha256(os.fsencode(resolved)).hexdigest()[:8]
+    return user_cache_dir() / "data" / f"{resolved.name or 'root'}-{tag}"
+
+
 def artifact_dir(
     data_root: str | os.PathLike[str],
     fp: Mapping[str, Any],
@@ -224,11 +240,11 @@ def artifact_dir(
     """Default folder of the artefacts (neighbour tables, feature cache) of a fingerprint.
 
     ``<cache_dir>/<dataset>/<split>_<crop>_<res>/<backbone>_layer<L>_<digest8>/`` with
-    ``cache_dir`` defaulting to ``<data_root>/stego-cache``.
+    ``cache_dir`` defaulting to :func:`default_cache_root`.
     """
     layer = "last" if fp.get("layer") is None else str(fp["layer"])
     digest = str(fp.get("weights_digest", "unknown"))[:8]
-    base = Path(cache_dir) if cache_dir is not None else Path(data_root) / "stego-cache"
+    base = Path(cache_dir) if cache_dir is not None else default_cache_root(data_root)
     return (
         base
         / str(fp["dataset"])

@@ -153,8 +153,11 @@ def segment_folder(
     seed: int = 0,
     skip_bad: bool = False,
     progress: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Segment every image under ``input_dir`` into ``clusters`` kinds; outputs in ``out_dir``.
+
+    ``verbose``: also what the libraries print during training (hidden by default).
 
     Writes ``labels/`` and ``overlays/`` (same relative paths as the inputs, ``.png``),
     ``model/`` (loadable by ``stego predict`` / :func:`stego.load`), ``contact_sheet.png`` and
@@ -213,7 +216,7 @@ def segment_folder(
         last = run / "checkpoints" / "last.ckpt"
         if run.exists() and not last.is_file():
             shutil.rmtree(run)  # stopped before its first checkpoint: nothing worth keeping
-        train(config, run, resume=last.is_file(), progress=progress)
+        train(config, run, resume=last.is_file(), progress=progress, verbose=verbose)
     resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
     s.shifts = {term: round(float(resolved[f"{key}_shift"]), 4) for term, key in SHIFT_KEYS}
     model = load(run / "model")

@@ -29,11 +29,14 @@ from stego.training_data import (
     LivePairDataset,
     ShardSampler,
     StepSampler,
+    artifact_root,
+    cache_complete,
     feature_cache,
     mix_seed,
     neighbor_table,
     open_split,
     split_holdout,
+    usable_workers,
 )
 
 __all__ = ["StegoModule", "StegoDataModule", "AtomicCheckpointIO", "build_module", "train"]
@@ -98,7 +101,9 @@ class StegoModule(L.LightningModule):
                 self.linear_metrics = UnsupervisedMetrics(n_classes, hungarian=False)
         self._figure_batch: dict[str, Tensor] | None = None
         self._last_figure_step = -1
-        self.save_hyperparameters(run_config or {})
+        # logger=False: the run folder has config.yaml already, and Lightning would write the
+        # hparams again through omegaconf when installed (2.4 fails on our tuples).
+        self.save_hyperparameters(run_config or {}, logger=False)
 
     # ------------------------------------------------------------------ helpers
     def on_fit_start(self) -> None:
@@ -445,7 +450,7 @@ def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoData
     run = dict(
         device=_device(t.accelerator),
         batch_size=d.batch_size,
-        num_workers=d.num_workers,
+        num_workers=usable_workers(d.num_workers),
         progress=progress,
     )
     backbone.check_size(d.resolution, d.resolution)
@@ -459,8 +464,15 @@ def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoData
         crop_dir=d.crop_dir,
         skip_bad=d.skip_bad,
     )
+    root = artifact_root(backbone, train_ds, split=d.split, **where)
+    table = root / f"neighbors_k{t.knn_k}.safetensors"
+    had = (cache_complete(root / "features"), table.is_file())
     cache = feature_cache(backbone, train_ds, t.use_feature_cache, split=d.split, **where, **run)
     nbrs = neighbor_table(backbone, train_ds, t.knn_k, split=d.split, cache=cache, **where, **run)
+    if progress:
+        from stego.train_logging import report_artifacts
+
+        report_artifacts(root, table, cache is not None, had)
     has_labels = bool(getattr(train_ds, "has_labels", False))
     if cache is not None:
         from stego.feature_cache import CachedFeatureDataset
@@ -482,13 +494,18 @@ def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoData
     else:
         train_idx, held = split_holdout(len(train_ds), d.val_images if has_labels else 0, t.seed)
         val = Subset(train_ds, held) if held else None
+    # A cached batch is a memory-mapped read of a few ms: worker processes would only take cores
+    # from the training step. Decoded images (live backbone) are worth the workers.
+    workers = 0 if cache is not None else run["num_workers"]
     module = StegoDataModule(
-        pairs, train_idx, val, global_batch=d.batch_size, seed=t.seed, num_workers=d.num_workers
+        pairs, train_idx, val, global_batch=d.batch_size, seed=t.seed, num_workers=workers
     )
     return module, info
 
 
-def _trainer(config: StegoConfig, out_dir: Path, has_val: bool, progress: bool) -> L.Trainer:
+def _trainer(
+    config: StegoConfig, out_dir: Path, has_val: bool, progress: bool, verbose: bool
+) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -516,6 +533,10 @@ def _trainer(config: StegoConfig, out_dir: Path, has_val: bool, progress: bool) 
                 auto_insert_metric_name=False,
             )
         )
+    if progress and not verbose:  # verbose: Lightning's own bar instead
+        from stego.train_logging import step_progress
+
+        callbacks.append(step_progress(t.steps))
     world = t.devices * t.num_nodes
     return L.Trainer(
         max_steps=t.steps,
@@ -536,15 +557,20 @@ def _trainer(config: StegoConfig, out_dir: Path, has_val: bool, progress: bool) 
         limit_val_batches=1.0 if (has_val and t.val_every) else 0,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, t.log_every),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
+        enable_progress_bar=progress and verbose,
+        enable_model_summary=verbose,
         use_distributed_sampler=False,
         deterministic="warn" if torch.cuda.is_available() else True,
     )
 
 
 def train(
-    config: StegoConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
+    config: StegoConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> Path:
     """Train a STEGO head and probes as ``config`` says; outputs go to ``out_dir``.
 
@@ -552,12 +578,25 @@ def train(
     ``train.checkpoint_every`` steps, ``best.ckpt`` by validation cluster mIoU), ``logs/``
     (TensorBoard, CSV) and the final inference model in ``model/``. ``resume=True`` continues
     from ``checkpoints/last.ckpt`` and reaches the weights an uninterrupted run would.
+    ``progress``: one bar per stage and a line per artefact; ``verbose``: also Lightning's own
+    banners, notices and progress bar (hidden by default, see
+    :func:`stego.train_logging.quiet_libraries`).
     """
+    from stego.train_logging import quiet_libraries
+
+    with quiet_libraries(verbose):
+        return _train(config, out_dir, resume=resume, progress=progress, verbose=verbose)
+
+
+def _train(
+    config: StegoConfig, out_dir: str | Path, *, resume: bool, progress: bool, verbose: bool
+) -> Path:
     from stego.backbones import build_backbone
 
     config.validate()
     out_dir = Path(out_dir).expanduser()
     rank0 = _env_rank() == 0
+    say = print if rank0 else None  # chosen shifts and the probe refit: shown even when quiet
     ckpt = (
         _check_out_dir(config, out_dir, resume)
         if rank0
@@ -573,7 +612,7 @@ def train(
         backbone,
         info.n_classes,
         out_dir if resume else None,
-        log=print if rank0 else None,
+        log=say,
     )
     # Reseed: building a table or cache draws from the global RNG, the initial weights must not
     # depend on whether it was built in this run.
@@ -583,11 +622,17 @@ def train(
         config.save(out_dir / "config.yaml")
         for stray in (out_dir / "checkpoints").glob(".*.tmp-*"):  # a write killed mid-way
             stray.unlink(missing_ok=True)
-    trainer = _trainer(config, out_dir, data.val is not None, progress)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        if ckpt is not None:
+            from stego.train_logging import keep_csv_log
+
+            keep_csv_log(out_dir / "logs" / "csv")
+    trainer = _trainer(config, out_dir, data.val is not None, progress and rank0, verbose)
+    # Our own checkpoints hold tensors and plain containers only: resume without unpickling code.
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
     if config.train.kmeans_probe:
-        _kmeans_probe(module, data, backbone, config, log=print if rank0 else None)
-    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+        _kmeans_probe(module, data, backbone, config, log=say)
+    # The full training state (optimiser, loops): what --resume needs.
+    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if trainer.is_global_zero:
         _save_model(module, backbone, config, info, out_dir / "model")
     return out_dir

@@ -12,6 +12,8 @@ and index), so the live-backbone and cached-feature paths pair the same images.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,10 @@ __all__ = [
     "open_split",
     "feature_cache",
     "neighbor_table",
+    "artifact_root",
+    "cache_complete",
+    "disk_size",
+    "usable_workers",
 ]
 
 Key = tuple[int, int]  # (dataset index, data epoch)
@@ -270,6 +276,55 @@ def _fingerprint(
     )
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` data-loading processes, at most one per CPU this process may run on (more
+    only compete for the same cores, and PyTorch warns about them)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(0, min(requested, cores))
+
+
+def artifact_root(
+    backbone: Any,
+    dataset: Dataset,
+    *,
+    name: str,
+    split: str,
+    crop_type: str,
+    resolution: int,
+    data_root: str | Path,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """The folder of the split's feature cache (``features/``) and neighbour tables."""
+    from stego.fingerprint import artifact_dir
+
+    fp = _fingerprint(
+        backbone,
+        dataset,
+        name=name,
+        split=split,
+        crop_type=crop_type,
+        resolution=resolution,
+        data_root=data_root,
+    )
+    return artifact_dir(data_root, fp, cache_dir)
+
+
+def cache_complete(root: Path) -> bool:
+    """Whether ``root`` (a ``features/`` folder) holds a finished feature cache."""
+    try:
+        return bool(json.loads((root / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def disk_size(root: Path) -> int:
+    """Bytes of the files directly in ``root`` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in root.glob("*") if p.is_file()) if root.is_dir() else 0
+
+
 def feature_cache(
     backbone: Any,
     dataset: Dataset,
@@ -286,8 +341,10 @@ def feature_cache(
     progress: bool,
     cache_dir: str | Path | None = None,
 ) -> Any | None:
-    """Open (or, with ``use=True``, build) the feature cache of the split; None when not used.
+    """Open (or, with ``use=True``, build or finish) the feature cache of the split.
 
+    ``use``: True = open it, building it on first use (or finishing an interrupted build);
+    ``"auto"`` = open one that is already complete, never build; False = None (live backbone).
     Lives where ``stego features`` writes by default, so either builds it for the other.
     """
     from stego.feature_cache import FeatureCache
@@ -308,14 +365,14 @@ def feature_cache(
     manifest = root / "manifest.json"
     if use == "auto" and not manifest.is_file():
         return None
-    if manifest.is_file():
+    if manifest.is_file() and (use == "auto" or cache_complete(root)):
         try:
             return FeatureCache.open(root, fp)
         except StegoError:
             if use == "auto":
                 return None  # stale or unfinished: train live rather than fail
             raise
-    return FeatureCache.build(
+    return FeatureCache.build(  # resumes an unfinished build at its first missing shard
         backbone,
         dataset,
         root,

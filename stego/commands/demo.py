@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="backbone (default: as stego segment chooses; tiny-vit for a smoke test)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show what the libraries print (Lightning)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         steps=args.steps,
         progress=not args.quiet,
+        verbose=args.verbose,
     )
     print(f"demo done in {summary['total_seconds']:.0f} s. Look at:")
     print(f"  {summary['outputs']['contact_sheet']}   (images and their segments)")

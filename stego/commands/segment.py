@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip unreadable images (listed in summary.json) instead of failing",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show what the libraries print (Lightning)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         skip_bad=args.skip_bad,
         progress=not args.quiet,
+        verbose=args.verbose,
     )
     out = summary["outputs"]
     print(f"segmented {summary['n_images']} images in {summary['total_seconds']:.0f} s")
