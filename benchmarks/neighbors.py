@@ -32,7 +32,7 @@ def peak_rss():  # VmHWM: ru_maxrss also counts the parent's memory before exec
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 import torch
-from stego.neighbors import topk_cosine
+from stego.features.neighbors import topk_cosine
 n, dim, k, budget, queries = (int(a) for a in sys.argv[1:4] + sys.argv[5:6] + sys.argv[7:8])
 method, device = sys.argv[4], sys.argv[6]
 feats = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))

@@ -4,7 +4,7 @@ Model: the offline DINOv2 ViT-S/14 (``dinov2-vits14-offline``) with a random hea
 probe; images at their native size (padded to the patch size). Measures, in images/s:
 
 1. bare backbone forward (one image at a time, already decoded);
-2. :func:`stego.prediction.predict_paths` without CRF (reading, flip averaging, writing PNGs),
+2. :func:`stego.infer.predict.predict_paths` without CRF (reading, flip averaging, writing PNGs),
    with and without the flip;
 3. the dense CRF alone on the same predictions, serial vs ``--crf-workers`` processes (the
    worker pool is kept between calls, as in ``predict``; its start-up is timed separately).
@@ -29,10 +29,10 @@ DEFAULT_IMAGES = Path("/work/shared/data/camvid/images/val")
 
 def build_model(name: str, n_clusters: int, code_dim: int):
     """Segmenter with a real backbone and a random (seeded) head and probe."""
-    from stego.backbones import build_backbone
-    from stego.heads import SegmentationHead
-    from stego.probes import ClusterProbe
-    from stego.segmenter import Segmenter, SegmenterMeta
+    from stego.models.backbone import build_backbone
+    from stego.models.heads import SegmentationHead
+    from stego.models.probes import ClusterProbe
+    from stego.models.segmenter import Segmenter, SegmenterMeta
 
     torch.manual_seed(0)
     backbone = build_backbone(name)
@@ -54,8 +54,8 @@ def rate(n: int, seconds: float) -> float:
 
 def bench_backbone(model, files: list[Path]) -> float:
     """images/s of the bare backbone on decoded, padded images (decode time excluded)."""
-    from stego.prediction import read_image_rgb
-    from stego.segmenter import pad_to_multiple
+    from stego.infer.predict import read_image_rgb
+    from stego.models.segmenter import pad_to_multiple
 
     images = [
         torch.from_numpy(read_image_rgb(f)).permute(2, 0, 1)[None].float() / 255 for f in files
@@ -69,7 +69,7 @@ def bench_backbone(model, files: list[Path]) -> float:
 
 
 def bench_predict(model, files: list[Path], *, flip: bool, batch_size: int) -> float:
-    from stego.prediction import predict_paths
+    from stego.infer.predict import predict_paths
 
     with tempfile.TemporaryDirectory() as out:
         summary = predict_paths(
@@ -80,8 +80,8 @@ def bench_predict(model, files: list[Path], *, flip: bool, batch_size: int) -> f
 
 def bench_crf(model, files: list[Path], workers: int) -> dict[str, float]:
     """images/s of the dense CRF alone, serial vs ``workers`` processes, same inputs."""
-    from stego.crf import dense_crf_batch
-    from stego.prediction import read_image_rgb
+    from stego.infer.crf import dense_crf_batch
+    from stego.infer.predict import read_image_rgb
 
     arrays = [read_image_rgb(f) for f in files]
     probs = []
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from stego.prediction import collect_images
+    from stego.infer.predict import collect_images
 
     files = [src for src, _ in collect_images([args.images])][: args.n]
     model = build_model(args.backbone, args.clusters, 70)

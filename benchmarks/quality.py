@@ -1,7 +1,7 @@
 """Quality benchmark on CamVid: raw-feature k-means baselines vs STEGO variants, over seeds.
 
 Train on CamVid ``train`` (labels only reach the linear probe), score on ``val`` with
-:func:`stego.evaluation.evaluate` (flip averaging, one confusion matrix, Hungarian matching).
+:func:`stego.eval.protocol.evaluate` (flip averaging, one confusion matrix, Hungarian matching).
 Evaluation protocol here: resolution 224 FULL FRAME (shorter side 224, 298x224, no centre crop),
 labels at that size. Rows:
 
@@ -9,7 +9,7 @@ labels at that size. Rows:
   on the cached training patch features of block 8 / the last block; a Segmenter with head kind
   ``"none"`` and a ClusterProbe holding the centroids goes through ``evaluate`` like any model
   (also with the dense CRF for the first ``--crf-seeds`` seeds).
-* ``stego-*``: ``stego.training.train`` with the camvid preset and the variant's overrides
+* ``stego-*``: ``stego.train.trainer.train`` with the camvid preset and the variant's overrides
   (``--steps``; training from the feature cache, no in-training validation). Each run is scored
   with its gradient-trained cluster probe (``cluster``), with the probe replaced by spherical
   k-means on the training codes (10 restarts, lowest inertia, label-free: ``kmeans``; when the
@@ -73,7 +73,7 @@ class MemoBackbone(nn.Module):
         self.inner.check_size(height, width)
 
     def forward(self, images: torch.Tensor, *, with_keys: bool = False) -> Any:
-        from stego.backbones import BackboneOutput
+        from stego.models.backbone import BackboneOutput
 
         key = hashlib.blake2b(images.detach().cpu().contiguous().numpy().tobytes(),
                               digest_size=16).hexdigest()
@@ -101,8 +101,8 @@ def val_dataset(root: str, resolution: int) -> Any:
 
 def train_cache(root: str, cache_dir: str, layer: int | None, resolution: int,
                 crop_type: str = "none", crop_dir: str | None = None) -> Any:
-    from stego.backbones import build_backbone
-    from stego.training_data import feature_cache, neighbor_table, open_split
+    from stego.models.backbone import build_backbone
+    from stego.train.pairs import feature_cache, neighbor_table, open_split
 
     backbone = build_backbone(BACKBONE, layer=layer)
     ds = open_split("camvid", root, "train", resolution=resolution, interpolation="bilinear",
@@ -120,7 +120,7 @@ def cache_rows(cache: Any) -> torch.Tensor:
 
 
 def score(model: Any, val: Any, *, crf: bool = False) -> dict[str, Any]:
-    from stego.evaluation import evaluate
+    from stego.eval.protocol import evaluate
 
     names = list(getattr(val, "class_names", []) or [])
     t0 = time.perf_counter()
@@ -135,9 +135,9 @@ def score(model: Any, val: Any, *, crf: bool = False) -> dict[str, Any]:
 
 def raw_baseline(layer: int | None, seed: int, cache: Any, backbone: MemoBackbone,
                  val: Any, crf: bool = False) -> dict[str, Any]:
-    from stego.heads import SegmentationHead
-    from stego.probes import ClusterProbe, spherical_kmeans
-    from stego.segmenter import Segmenter, SegmenterMeta
+    from stego.models.heads import SegmentationHead
+    from stego.models.probes import ClusterProbe, spherical_kmeans
+    from stego.models.segmenter import Segmenter, SegmenterMeta
 
     t0 = time.perf_counter()
     km = spherical_kmeans(cache_rows(cache), 11, n_restarts=5,
@@ -159,8 +159,8 @@ def raw_baseline(layer: int | None, seed: int, cache: Any, backbone: MemoBackbon
 def stego_run(name: str, seed: int, args: argparse.Namespace, backbones: dict, val: Any,
               crf: bool) -> dict[str, Any]:
     from stego.config import load_config
-    from stego.evaluation import load_for_eval
-    from stego.training import train
+    from stego.eval.protocol import load_for_eval
+    from stego.train.trainer import train
 
     overrides = [f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",
                  f"train.steps={args.steps}", f"train.seed={seed}",
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
 
     stages: dict[str, float] = {}
     val = val_dataset(args.data_root, args.resolution)

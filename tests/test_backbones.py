@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from stego import backbones as bb
-from stego.backbones import BACKBONES, Backbone, build_backbone, list_backbones, weights_digest
+from stego.models import backbone as bb
+from stego.models.backbone import BACKBONES, Backbone, build_backbone, list_backbones, weights_digest
 from stego.errors import StegoError
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=32)

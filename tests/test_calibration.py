@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from stego.calibration import (
+from stego.features.calibration import (
     SHIFT_KEYS,
     TERMS,
     LiveFeatures,
@@ -154,7 +154,7 @@ def test_resolve_reuses_saved_values_and_live_features() -> None:
 @pytest.mark.parametrize("cached", [False, True])
 def test_training_resolves_auto_and_saves_the_values(data_root: Path, tmp_path: Path,
                                                      cached: bool, capsys) -> None:
-    from stego.training import train
+    from stego.train.trainer import train
 
     overrides = tiny(data_root, tmp_path, 2, **{"train.use_feature_cache": cached})
     run = train(load_config(overrides=overrides), tmp_path / "run", progress=False)
@@ -194,8 +194,8 @@ def test_cli_calibrate_writes_shifts_and_figure(data_root: Path, tmp_path: Path,
 
 
 def test_kmeans_probe_refits_the_centroids(data_root: Path, tmp_path: Path, capsys) -> None:
-    from stego.pretrained import load
-    from stego.training import train
+    from stego.models.pretrained import load
+    from stego.train.trainer import train
 
     overrides = tiny(data_root, tmp_path, 2, **{"train.use_feature_cache": True,
                                                 "train.kmeans_probe": True})

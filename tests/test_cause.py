@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from stego.cause_heads import (
+from stego.models.cause_heads import (
     CauseMLPHead,
     CauseTRHead,
     load_original_state_dict,
     original_key_map,
 )
-from stego.cause_losses import (
+from stego.losses.cause import (
     ConceptBank,
     centroid_assign,
     concept_contrastive_loss,

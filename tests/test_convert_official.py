@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stego.errors import StegoError
-from stego.safe_pickle import load_checkpoint, to_plain
+from stego.models.safe_pickle import load_checkpoint, to_plain
 
 omegaconf = pytest.importorskip("omegaconf")  # the dev extra; real DictConfig pickles
 
@@ -300,7 +300,7 @@ def test_fixture_pickles_what_the_original_pickles(tmp_path: Path) -> None:
 
 
 def test_checkpoint_loads_as_plain_data(tmp_path: Path, block_omegaconf_and_lightning) -> None:
-    from stego.convert_official import official_config
+    from stego.models.convert_official import official_config
 
     ckpt = tmp_path / "potsdam.ckpt"
     state, values = write_original(ckpt)
@@ -320,8 +320,8 @@ def test_checkpoint_loads_as_plain_data(tmp_path: Path, block_omegaconf_and_ligh
 def test_original_checkpoint_converts_and_predicts_its_ids(
     tmp_path: Path, block_omegaconf_and_lightning, recwarn
 ) -> None:
-    from stego.convert_official import convert_official
-    from stego.pretrained import load
+    from stego.models.convert_official import convert_official
+    from stego.models.pretrained import load
 
     ckpt = tmp_path / "potsdam_test.ckpt"
     state, values = write_original(ckpt)
@@ -347,7 +347,7 @@ def test_original_checkpoint_converts_and_predicts_its_ids(
 def test_released_configs(tmp_path: Path, dataset: str) -> None:
     """Potsdam (ViT-S/8, D 70), COCO-Stuff (ViT-B/8, D 90), Cityscapes (ViT-B/8, D 100, extra
     clusters); a tiny ViT stands in for the backbone, whose name comes from the config."""
-    from stego.convert_official import _backbone_name, load_official
+    from stego.models.convert_official import _backbone_name, load_official
     from stego.data import dataset_info
 
     ckpt = tmp_path / f"{dataset}.ckpt"
@@ -366,7 +366,7 @@ def test_released_configs(tmp_path: Path, dataset: str) -> None:
 
 def test_config_with_namespace_and_paths(tmp_path: Path) -> None:
     """Configs kept as argparse.Namespace, or holding pathlib paths (DictConfig AnyNode)."""
-    from stego.convert_official import load_official, official_config
+    from stego.models.convert_official import load_official, official_config
 
     _, values = train_config("potsdam")
     namespace = argparse.Namespace(**{**values, "pytorch_data_dir": Path("/data/pytorch")})
@@ -381,7 +381,7 @@ def test_config_with_namespace_and_paths(tmp_path: Path) -> None:
 
 
 def test_bare_cluster1_names_and_plain_config(tmp_path: Path) -> None:
-    from stego.convert_official import load_official
+    from stego.models.convert_official import load_official
 
     _, values = train_config("potsdam")
     state = original_state(TINY, 70, 3, 3)
@@ -393,7 +393,7 @@ def test_bare_cluster1_names_and_plain_config(tmp_path: Path) -> None:
 
 
 def test_unknown_weights_are_warned(tmp_path: Path) -> None:
-    from stego.convert_official import load_official
+    from stego.models.convert_official import load_official
 
     state = original_state(TINY, 70, 3, 3)
     state["net.recalibrator.weight"] = torch.zeros(2)
@@ -404,7 +404,7 @@ def test_unknown_weights_are_warned(tmp_path: Path) -> None:
 
 
 def test_config_backbone_must_fit_the_weights(tmp_path: Path) -> None:
-    from stego.convert_official import convert_official
+    from stego.models.convert_official import convert_official
 
     ckpt = tmp_path / "x.ckpt"
     write_original(ckpt)
@@ -447,9 +447,9 @@ def _predict_original(tmp_path: Path, vit: dict, side: int, capsys) -> float:
 
 def test_predict_reads_an_original_checkpoint(tmp_path: Path, capsys, monkeypatch) -> None:
     """`stego predict --checkpoint X.ckpt`, with the tiny ViT in place of the config's ViT-S/8."""
-    import stego.convert_official
+    import stego.models.convert_official
 
-    monkeypatch.setattr(stego.convert_official, "_backbone_name", lambda *a: "tiny-vit")
+    monkeypatch.setattr(stego.models.convert_official, "_backbone_name", lambda *a: "tiny-vit")
     assert _predict_original(tmp_path, TINY, 32, capsys) >= 0.999
 
 
@@ -483,7 +483,7 @@ def test_malicious_pickle_refused(tmp_path: Path, fmt: str) -> None:
         ckpt.write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(StegoError, match=r"evil\.ckpt.*(posix|os)\.system"):
         load_checkpoint(ckpt)
-    from stego.convert_official import convert_official
+    from stego.models.convert_official import convert_official
 
     with pytest.raises(StegoError, match="system"):
         convert_official(ckpt, tmp_path / "out")

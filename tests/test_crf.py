@@ -1,4 +1,4 @@
-"""stego.crf: parity with the original dense_crf, batch execution that cannot hang, bad input."""
+"""stego.infer.crf: parity with the original dense_crf, batch execution that cannot hang, bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from stego.crf import (
+from stego.infer.crf import (
     CRFParams,
     _run_pool,
     dense_crf,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stego.errors import StegoError
-from stego.evaluation import (
+from stego.eval.protocol import (
     evaluate,
     format_table,
     images_to_uint8,
@@ -21,10 +21,10 @@ from stego.evaluation import (
     load_for_eval,
     write_outputs,
 )
-from stego.heads import SegmentationHead
-from stego.plots import colorize, overlay
-from stego.probes import ClusterProbe, LinearProbe
-from stego.segmenter import Segmenter, SegmenterMeta
+from stego.models.heads import SegmentationHead
+from stego.viz import colorize, overlay
+from stego.models.probes import ClusterProbe, LinearProbe
+from stego.models.segmenter import Segmenter, SegmenterMeta
 
 COLOURS = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # class k = colour k
 PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
@@ -160,7 +160,7 @@ def test_evaluate_with_crf(workers: int, crf_image: str) -> None:
 
 
 def test_tiny_vit_model_outputs(tmp_path: Path) -> None:
-    backbones = pytest.importorskip("stego.backbones")
+    backbones = pytest.importorskip("stego.models.backbone")
     torch.manual_seed(0)
     backbone = backbones.build_backbone("tiny-vit", pretrained=False)
     head = SegmentationHead(backbone.embed_dim, 8)
@@ -224,7 +224,7 @@ def _camvid_like(root: Path, n: int = 3, splits: tuple[str, ...] = ("val",)) -> 
 
 
 def _tiny_camvid_model() -> Segmenter:
-    backbones = pytest.importorskip("stego.backbones")
+    backbones = pytest.importorskip("stego.models.backbone")
     torch.manual_seed(0)
     backbone = backbones.build_backbone("tiny-vit", pretrained=False)
     meta = SegmenterMeta(backbone="tiny-vit", backbone_layer=None, head_kind="nonlinear",
@@ -236,7 +236,7 @@ def _tiny_camvid_model() -> Segmenter:
 @pytest.mark.skipif(not HAS_DATA, reason="stego.data not available yet")
 def test_cli_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from stego.cli import main
-    from stego.pretrained import save_pretrained
+    from stego.models.pretrained import save_pretrained
 
     data = _camvid_like(tmp_path / "camvid")
     run = tmp_path / "run"
@@ -297,10 +297,10 @@ def test_cli_eval_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 @pytest.mark.skipif(not HAS_DATA, reason="stego.data not available yet")
 def test_evaluate_a_trained_run_and_its_lightning_checkpoint(tmp_path: Path) -> None:
     """Integration: `train` 2 steps on a tiny CamVid-layout set, then evaluate both outputs."""
-    pytest.importorskip("stego.training")
+    pytest.importorskip("stego.train.trainer")
     from stego.config import load_config
-    from stego.evaluation import evaluate_checkpoint
-    from stego.training import train
+    from stego.eval.protocol import evaluate_checkpoint
+    from stego.train.trainer import train
 
     data = _camvid_like(tmp_path / "camvid", n=6, splits=("train", "val"))
     overrides = {
@@ -332,7 +332,7 @@ def test_evaluate_a_trained_run_and_its_lightning_checkpoint(tmp_path: Path) -> 
 )
 def test_paper_presets_prepare_pixels_like_the_original(preset: str, expected: tuple) -> None:
     from stego.config import load_config
-    from stego.evaluation import _preparation
+    from stego.eval.protocol import _preparation
 
     assert _preparation(load_config(preset=preset).to_dict()) == expected
 
@@ -341,7 +341,7 @@ def test_paper_presets_prepare_pixels_like_the_original(preset: str, expected: t
 @pytest.mark.parametrize(
     "train_config,expected",
     [
-        # convert_official saves the original's cfg under "official" (stego.convert_official)
+        # convert_official saves the original's cfg under "official" (stego.models.convert_official)
         ({"official": {"model_type": "vit_small", "res": 224}}, ("nearest", "truncate")),
         ({"data": {"interpolation": "nearest", "crf_image": "round"}}, ("nearest", "round")),
         (None, ("bilinear", "round")),
@@ -350,8 +350,8 @@ def test_paper_presets_prepare_pixels_like_the_original(preset: str, expected: t
 def test_evaluate_checkpoint_prepares_pixels_as_the_model_was_trained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_config: dict | None, expected: tuple
 ) -> None:
-    import stego.evaluation as ev
-    from stego.pretrained import save_pretrained
+    import stego.eval.protocol as ev
+    from stego.models.pretrained import save_pretrained
 
     seen: dict = {}
     real = ev.evaluate

@@ -1,4 +1,4 @@
-"""Tests of stego.feature_cache: build, reopen, resume, disk-space refusal, cached positives."""
+"""Tests of stego.features.cache: build, reopen, resume, disk-space refusal, cached positives."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from torch.utils.data import Dataset
 
 import stego.atomic
 from stego.errors import StegoError
-from stego.feature_cache import CachedFeatureDataset, FeatureCache
-from stego.fingerprint import backbone_fingerprint, item_paths
-from stego.neighbors import NeighborTable, global_features, positive_index, topk_cosine
+from stego.features.cache import CachedFeatureDataset, FeatureCache
+from stego.features.fingerprint import backbone_fingerprint, item_paths
+from stego.features.neighbors import NeighborTable, global_features, positive_index, topk_cosine
 
 BackboneOutput = namedtuple("BackboneOutput", "feat keys global_feat")
 

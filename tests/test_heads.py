@@ -1,4 +1,4 @@
-"""Tests of stego.heads against the original head (parity/heads.npz) and of its dropout rules.
+"""Tests of stego.models.heads against the original head (parity/heads.npz) and of its dropout rules.
 
 Tolerance: rtol=1e-5, atol=2e-6 on codes of magnitude up to 3 (384-channel 1x1 convs in float32;
 observed max abs diff 1.1e-6).
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stego.errors import StegoError
-from stego.heads import HEAD_KINDS, HeadOutput, SegmentationHead, channel_dropout, original_key_map
+from stego.models.heads import HEAD_KINDS, HeadOutput, SegmentationHead, channel_dropout, original_key_map
 
 
 def _original_state(d: dict) -> dict[str, torch.Tensor]:

@@ -191,7 +191,7 @@ def _random_inputs(seed: int, b: int = 3, c: int = 6, dim: int = 4, hw: int = 5)
 
 def test_gradient_reaches_head_not_features() -> None:
     """The loss pulls only on codes: the feature inputs of StegoLoss get no gradient."""
-    from stego.heads import SegmentationHead
+    from stego.models.heads import SegmentationHead
 
     feat, feat_pos, _, _ = _random_inputs(1, c=8)
     head = SegmentationHead(8, 4, dropout=0.1).train()

@@ -1,4 +1,4 @@
-"""stego.metrics: parity with the original UnsupervisedMetrics, properties, error paths."""
+"""stego.eval.metrics: parity with the original UnsupervisedMetrics, properties, error paths."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stego.errors import StegoError
-from stego.metrics import (
+from stego.eval.metrics import (
     Scores,
     UnsupervisedMetrics,
     confusion_matrix,

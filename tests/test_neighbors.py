@@ -1,4 +1,4 @@
-"""Tests of stego.neighbors: exact top-k, chunking, faiss, groups, memory, tables, positives."""
+"""Tests of stego.features.neighbors: exact top-k, chunking, faiss, groups, memory, tables, positives."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from stego.errors import StegoError
-from stego.fingerprint import backbone_fingerprint, items_digest, make_fingerprint
-from stego.neighbors import (
+from stego.features.fingerprint import backbone_fingerprint, items_digest, make_fingerprint
+from stego.features.neighbors import (
     NeighborTable,
     chunk_rows,
     collect_global_features,
@@ -186,7 +186,7 @@ MEMORY_SCRIPT = textwrap.dedent(
                 return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
         except (OSError, StopIteration):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    from stego.neighbors import topk_cosine
+    from stego.features.neighbors import topk_cosine
     torch.set_num_threads(1)  # one thread, one malloc arena: measures the algorithm, not glibc
     x = torch.randn(20_000, 64, generator=torch.Generator().manual_seed(0))
     topk_cosine(x[:2000], 30, max_memory_bytes=8 * 2**20)  # warm up kernels and threads
@@ -353,10 +353,10 @@ def test_mixed_image_sizes_are_refused():
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("stego.backbones") is None, reason="stego.backbones not built yet"
+    importlib.util.find_spec("stego.models.backbone") is None, reason="stego.models.backbone not built yet"
 )
 def test_with_tiny_vit():
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
 
     bb = build_backbone("tiny-vit", pretrained=False)
     feats = global_features(bb, TinyDataset(10, size=32), batch_size=4, progress=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stego import offline_dinov2 as od
+from stego.models import offline_dinov2 as od
 from stego.errors import StegoError
 
 pytest.importorskip("onnx")
@@ -65,7 +65,7 @@ def test_second_load_hits_the_cache(cache: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_offline_backbone_builds_from_the_cache(cache: Path) -> None:
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
 
     backbone = build_backbone("dinov2-vits14-offline", layer=11)
     assert (backbone.patch_size, backbone.embed_dim, backbone.num_heads) == (14, 384, 6)

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from stego.onnx_export import export_onnx  # noqa: E402
+from stego.infer.onnx import export_onnx  # noqa: E402
 
 
 def _model():
@@ -48,7 +48,7 @@ def test_with_backbone(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path) -> None:
     from stego.cli import main
-    from stego.pretrained import save_pretrained
+    from stego.models.pretrained import save_pretrained
 
     save_pretrained(_model(), tmp_path / "m", include_backbone=True)
     assert (

@@ -11,17 +11,17 @@ import torch
 from PIL import Image
 
 from stego.errors import StegoError
-from stego.prediction import collect_images, predict_paths
+from stego.infer.predict import collect_images, predict_paths
 
 N_CLUSTERS = 5
 
 
 def tiny_segmenter(n_classes: int | None = None, n_clusters: int = N_CLUSTERS):
     """Seeded tiny-vit Segmenter with a random head (code dim 8) and probes."""
-    from stego.backbones import build_backbone
-    from stego.heads import SegmentationHead
-    from stego.probes import ClusterProbe, LinearProbe
-    from stego.segmenter import Segmenter, SegmenterMeta
+    from stego.models.backbone import build_backbone
+    from stego.models.heads import SegmentationHead
+    from stego.models.probes import ClusterProbe, LinearProbe
+    from stego.models.segmenter import Segmenter, SegmenterMeta
 
     torch.manual_seed(0)
     backbone = build_backbone("tiny-vit", pretrained=False)
@@ -165,7 +165,7 @@ def test_linear_probe_class_ids(tmp_path: Path) -> None:
 
 def test_cli_predict(images: Path, tmp_path: Path) -> None:
     from stego.cli import main
-    from stego.pretrained import save_pretrained
+    from stego.models.pretrained import save_pretrained
 
     save_pretrained(tiny_segmenter(), tmp_path / "run" / "model", include_backbone=True)
     code = main(

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import stego
-from stego.backbones import build_backbone
+from stego.models.backbone import build_backbone
 from stego.errors import StegoError
-from stego.heads import SegmentationHead
-from stego.probes import ClusterProbe, LinearProbe
-from stego.segmenter import Segmenter, SegmenterMeta
+from stego.models.heads import SegmentationHead
+from stego.models.probes import ClusterProbe, LinearProbe
+from stego.models.segmenter import Segmenter, SegmenterMeta
 
 
 def _model(linear: bool = True) -> Segmenter:

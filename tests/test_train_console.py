@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from stego.cli import main
-from stego.fingerprint import default_cache_root
-from stego.training_data import usable_workers
+from stego.features.fingerprint import default_cache_root
+from stego.train.pairs import usable_workers
 
 COLORS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
 

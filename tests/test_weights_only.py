@@ -1,4 +1,4 @@
-"""No checkpoint is unpickled with code execution allowed, outside ``stego.safe_pickle``.
+"""No checkpoint is unpickled with code execution allowed, outside ``stego.models.safe_pickle``.
 
 ``torch.load`` runs arbitrary code from the file unless ``weights_only=True``. Leaving the
 argument out is not enough: torch then decides from its version and from the environment
@@ -19,8 +19,8 @@ import torch
 from test_training import data_root, tiny_config  # noqa: F401 - data_root is a fixture
 
 import stego
-from stego.evaluation import load_for_eval
-from stego.training import train
+from stego.eval.protocol import load_for_eval
+from stego.train.trainer import train
 
 PACKAGE = Path(stego.__file__).resolve().parent
 RESTRICTED = PACKAGE / "safe_pickle.py"  # the one place allowed to unpickle, with its allow-list

@@ -35,8 +35,8 @@ def _dataset(tmp_path: Path, helpers, n: int = 6):
 
 
 def test_feature_cache_out_of_space(tmp_path, helpers, little_space) -> None:
-    from stego.backbones import build_backbone
-    from stego.feature_cache import FeatureCache
+    from stego.models.backbone import build_backbone
+    from stego.features.cache import FeatureCache
 
     root = tmp_path / "cache"
     backbone, dataset = build_backbone("tiny-vit", pretrained=False), _dataset(tmp_path, helpers)
@@ -58,8 +58,8 @@ def test_feature_cache_disk_full_mid_write_leaves_no_torn_shard(
 ) -> None:
     """The disk fills while a shard is being finished: no shard or temp file is left behind and
     no partial cache is ever opened."""
-    from stego import feature_cache as fc
-    from stego.backbones import build_backbone
+    from stego.features import cache as fc
+    from stego.models.backbone import build_backbone
 
     monkeypatch.setattr(fc, "_save_npy", _enospc)
     root = tmp_path / "cache"
@@ -95,7 +95,7 @@ def test_atomic_write_disk_full_keeps_old_file(tmp_path, monkeypatch) -> None:
 
 
 def test_checkpoint_io_disk_full_keeps_last_good(tmp_path, monkeypatch) -> None:
-    from stego.training import AtomicCheckpointIO
+    from stego.train.trainer import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
@@ -108,7 +108,7 @@ def test_checkpoint_io_disk_full_keeps_last_good(tmp_path, monkeypatch) -> None:
 
 
 def test_checkpoint_io_out_of_space_is_a_stego_error(tmp_path, little_space) -> None:
-    from stego.training import AtomicCheckpointIO
+    from stego.train.trainer import AtomicCheckpointIO
 
     target = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(StegoError, match="disk space"):
@@ -117,7 +117,7 @@ def test_checkpoint_io_out_of_space_is_a_stego_error(tmp_path, little_space) -> 
 
 
 def test_save_pretrained_out_of_space_is_a_stego_error(tmp_path, helpers, little_space) -> None:
-    from stego.pretrained import save_pretrained
+    from stego.models.pretrained import save_pretrained
 
     with pytest.raises(StegoError, match="disk space"):
         save_pretrained(helpers.tiny_segmenter(), tmp_path / "model")
@@ -194,14 +194,14 @@ def test_journal_path_escape_is_not_trusted(tmp_path, helpers) -> None:
 
 @pytest.mark.parametrize("rel", ["../escape.png", "a/../../escape.png", "/tmp/escape.png"])
 def test_prediction_output_path_stays_inside(tmp_path, rel) -> None:
-    from stego.prediction import _inside
+    from stego.infer.predict import _inside
 
     with pytest.raises(StegoError, match="escapes the output folder"):
         _inside(tmp_path / "out", Path(rel))
 
 
 def test_prediction_symlinked_output_subfolder_refused(tmp_path, helpers, segmenter) -> None:
-    from stego.prediction import predict_paths
+    from stego.infer.predict import predict_paths
 
     images = helpers.write_folder(tmp_path / "in", 1, size=(16, 16))
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
@@ -215,7 +215,7 @@ def test_prediction_symlinked_output_subfolder_refused(tmp_path, helpers, segmen
 
 def test_prediction_inputs_outside_cwd_write_inside_out(tmp_path, helpers, segmenter) -> None:
     """Inputs given as ../ paths or absolute files still write under out/ by their own name."""
-    from stego.prediction import predict_paths
+    from stego.infer.predict import predict_paths
 
     deep = tmp_path / "a" / "b"
     deep.mkdir(parents=True)

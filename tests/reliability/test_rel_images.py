@@ -244,7 +244,7 @@ def test_sixteen_bit_label_ids(tmp_path, helpers) -> None:
 
 
 def _predict(segmenter, inputs, out, **kw):
-    from stego.prediction import predict_paths
+    from stego.infer.predict import predict_paths
 
     return predict_paths(
         segmenter, inputs, out, num_workers=0, progress=False, flip=False, **kw

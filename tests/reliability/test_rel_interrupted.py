@@ -29,9 +29,9 @@ def _features_args(images: Path, out: Path) -> list[str]:
 
 
 def _reference_cache(images: Path, out: Path):
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
     from stego.data import PairTransform, build_dataset
-    from stego.feature_cache import FeatureCache
+    from stego.features.cache import FeatureCache
 
     ds = build_dataset("folder", images, "all", transform=PairTransform(32, crop="center"))
     return FeatureCache.build(build_backbone("tiny-vit"), ds, out, dataset_name="folder",
@@ -40,7 +40,7 @@ def _reference_cache(images: Path, out: Path):
 
 
 def _same_cache(a: Path, b: Path) -> None:
-    from stego.feature_cache import FeatureCache
+    from stego.features.cache import FeatureCache
 
     ca, cb = FeatureCache.open(a), FeatureCache.open(b)
     assert ca.fingerprint == cb.fingerprint and len(ca) == len(cb)
@@ -94,7 +94,7 @@ def test_feature_cache_killed_then_rerun_equals_uninterrupted(tmp_path, helpers)
     killed = helpers.kill_when(proc, lambda: (out / "feats-00001.npy").is_file())
     assert killed, "the cache finished before it could be killed; enlarge the dataset"
     with pytest.raises(StegoError, match="unfinished"):
-        from stego.feature_cache import FeatureCache
+        from stego.features.cache import FeatureCache
 
         FeatureCache.open(out)
     done = helpers.run_py(_features_args(images, out))
@@ -132,7 +132,7 @@ def _knn_args(images: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow  # subprocesses: 10-30 s on 2 shared cores
 def test_neighbor_table_killed_then_rerun(tmp_path, helpers) -> None:
-    from stego.neighbors import NeighborTable
+    from stego.features.neighbors import NeighborTable
 
     images = helpers.write_folder(tmp_path / "img", 300, size=(32, 32))
     out = tmp_path / "nn" / "neighbors_k5.safetensors"
@@ -156,7 +156,7 @@ def test_neighbor_table_killed_then_rerun(tmp_path, helpers) -> None:
 
 @pytest.mark.slow  # subprocesses: 10-30 s on 2 shared cores
 def test_prediction_killed_then_rerun_equals_uninterrupted(tmp_path, helpers) -> None:
-    from stego.pretrained import save_pretrained
+    from stego.models.pretrained import save_pretrained
 
     model = save_pretrained(helpers.tiny_segmenter(), tmp_path / "model")
     images = helpers.write_folder(tmp_path / "in", 120, size=(48, 64))
@@ -200,7 +200,7 @@ def test_two_processes_build_the_same_cache(tmp_path, helpers) -> None:
 
 @pytest.mark.slow  # subprocesses: 10-30 s on 2 shared cores
 def test_two_processes_build_the_same_neighbor_table(tmp_path, helpers) -> None:
-    from stego.neighbors import NeighborTable
+    from stego.features.neighbors import NeighborTable
 
     images = helpers.write_folder(tmp_path / "img", 60, size=(32, 32))
     out = tmp_path / "nn" / "neighbors_k5.safetensors"
@@ -258,7 +258,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_training_killed_then_resumed_equals_uninterrupted(tmp_path, helpers, camvid) -> None:
     from stego.config import load_config
-    from stego.training import train
+    from stego.train.trainer import train
 
     steps = 40
     run = tmp_path / "run"
@@ -284,7 +284,7 @@ def test_training_killed_then_resumed_equals_uninterrupted(tmp_path, helpers, ca
 @pytest.mark.slow
 def test_resume_removes_stray_checkpoint_temps(tmp_path, camvid) -> None:
     from stego.config import load_config
-    from stego.training import train
+    from stego.train.trainer import train
 
     run = train(load_config(overrides=_train_overrides(camvid, 2)), tmp_path / "run",
                 progress=False)  # fmt: skip
@@ -300,7 +300,7 @@ def test_inf_features_stop_training_naming_step_and_cause(
     """Features turn infinite at step 3 (a stub of the frozen features): training stops with a
     message naming the step and likely causes, exit 2 on the CLI, last good checkpoint kept."""
     from stego.cli import main
-    from stego.training import StegoModule
+    from stego.train.trainer import StegoModule
 
     original = StegoModule._features
 
@@ -330,7 +330,7 @@ def test_huge_learning_rate_never_writes_non_finite_weights(tmp_path, camvid) ->
     """``train.lr=1e30``: either training survives (the loss is built from cosine similarities)
     or it stops with the divergence error; a checkpoint never holds NaN/inf weights."""
     from stego.config import load_config
-    from stego.training import train
+    from stego.train.trainer import train
 
     config = load_config(overrides=_train_overrides(camvid, 4, **{"train.lr": 1e30}))
     try:
@@ -397,7 +397,7 @@ def test_ddp_peer_killed_other_rank_exits_in_bounded_time(tmp_path, helpers, cam
 def test_training_honours_skip_bad(tmp_path, helpers) -> None:
     """data.skip_bad=true: a truncated image in a folder dataset is left out, training ends."""
     from stego.config import load_config
-    from stego.training import train
+    from stego.train.trainer import train
 
     images = helpers.write_folder(tmp_path / "img", 10, size=(32, 32))
     helpers.write_bad_image("truncated_png", images / "zz_bad.png")

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stego.losses import StegoLoss, correlation_parts
-from stego.metrics import UnsupervisedMetrics, confusion_matrix, unsupervised_scores
+from stego.eval.metrics import UnsupervisedMetrics, confusion_matrix, unsupervised_scores
 
 SETTINGS = settings(max_examples=30, deadline=None)
 

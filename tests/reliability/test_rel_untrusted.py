@@ -39,7 +39,7 @@ def test_evil_object_really_is_evil(evil, tmp_path) -> None:
 
 
 def test_backbone_weights_pth_refused(evil, tmp_path) -> None:
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
 
     obj, marker = evil
     path = tmp_path / "weights.pth"
@@ -51,7 +51,7 @@ def test_backbone_weights_pth_refused(evil, tmp_path) -> None:
 
 
 def test_backbone_weights_plain_pickle_refused(evil, tmp_path) -> None:
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
 
     obj, marker = evil
     path = tmp_path / "weights.pth"
@@ -65,7 +65,7 @@ def test_backbone_weights_plain_pickle_refused(evil, tmp_path) -> None:
 
 
 def test_lightning_checkpoint_in_evaluation_refused(evil, tmp_path) -> None:
-    from stego.evaluation import load_for_eval
+    from stego.eval.protocol import load_for_eval
 
     obj, marker = evil
     path = tmp_path / "last.ckpt"
@@ -97,7 +97,7 @@ def test_evil_checkpoint_cli_error_is_one_line(tmp_path, helpers, capsys) -> Non
 
 
 def test_safe_pickle_refuses_zip_checkpoint(evil, tmp_path) -> None:
-    from stego.safe_pickle import load_checkpoint
+    from stego.models.safe_pickle import load_checkpoint
 
     obj, marker = evil
     path = tmp_path / "official.ckpt"
@@ -111,7 +111,7 @@ def test_safe_pickle_refuses_zip_checkpoint(evil, tmp_path) -> None:
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_safe_pickle_refuses_plain_pickle(evil, tmp_path, protocol) -> None:
-    from stego.safe_pickle import load_checkpoint
+    from stego.models.safe_pickle import load_checkpoint
 
     obj, marker = evil
     path = tmp_path / "official.ckpt"
@@ -123,7 +123,7 @@ def test_safe_pickle_refuses_plain_pickle(evil, tmp_path, protocol) -> None:
 
 def test_safe_pickle_refuses_builtins_eval_and_getattr(tmp_path) -> None:
     """Allowlisted modules with dangerous members: builtins.eval / getattr, torch internals."""
-    from stego.safe_pickle import load_checkpoint
+    from stego.models.safe_pickle import load_checkpoint
 
     marker = tmp_path / "PWNED"
     payloads = {
@@ -142,7 +142,7 @@ def test_safe_pickle_refuses_builtins_eval_and_getattr(tmp_path) -> None:
 
 
 def test_convert_official_refuses(evil, tmp_path) -> None:
-    from stego.convert_official import convert_official
+    from stego.models.convert_official import convert_official
 
     obj, marker = evil
     path = tmp_path / "official.ckpt"
@@ -179,7 +179,7 @@ class _DefaultDict:
 @pytest.mark.parametrize("factory", [os.system, eval, str, getattr])
 def test_defaultdict_with_unsafe_factory_refused(tmp_path, factory) -> None:
     """Only dict / list / no factory: anything else would run on the first missing key."""
-    from stego.safe_pickle import load_checkpoint
+    from stego.models.safe_pickle import load_checkpoint
 
     path = tmp_path / "dd.ckpt"
     torch.save({"state_dict": {}, "cache": _DefaultDict(factory)}, path)
@@ -191,7 +191,7 @@ def test_defaultdict_with_unsafe_factory_refused(tmp_path, factory) -> None:
 
 @pytest.mark.parametrize("factory", [dict, list, None])
 def test_defaultdict_with_safe_factory_loads(tmp_path, factory) -> None:
-    from stego.safe_pickle import load_checkpoint
+    from stego.models.safe_pickle import load_checkpoint
 
     path = tmp_path / "dd.ckpt"
     torch.save({"cache": _DefaultDict(factory), "w": torch.ones(2)}, path)
@@ -205,7 +205,7 @@ def test_lightning_callback_class_is_only_a_name(tmp_path, monkeypatch) -> None:
     saving makes torch.save record the global Lightning writes."""
     import types
 
-    from stego.safe_pickle import load_checkpoint, to_plain
+    from stego.models.safe_pickle import load_checkpoint, to_plain
 
     module = "pytorch_lightning.callbacks.model_checkpoint"
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module):
@@ -243,7 +243,7 @@ def test_predict_original_checkpoint_refused_in_one_line(evil, tmp_path, capsys)
 
 
 def test_neighbor_npz_object_array_refused(evil, tmp_path) -> None:
-    from stego.neighbors import NeighborTable
+    from stego.features.neighbors import NeighborTable
 
     obj, marker = evil
     path = tmp_path / "nns_train.npz"
@@ -255,7 +255,7 @@ def test_neighbor_npz_object_array_refused(evil, tmp_path) -> None:
 
 
 def test_neighbor_safetensors_with_pickle_inside_refused(evil, tmp_path) -> None:
-    from stego.neighbors import NeighborTable
+    from stego.features.neighbors import NeighborTable
 
     obj, marker = evil
     path = tmp_path / "neighbors_k5.safetensors"
@@ -270,9 +270,9 @@ def test_neighbor_safetensors_with_pickle_inside_refused(evil, tmp_path) -> None
 
 @pytest.fixture
 def tiny_cache(tmp_path, helpers):
-    from stego.backbones import build_backbone
+    from stego.models.backbone import build_backbone
     from stego.data import PairTransform, build_dataset
-    from stego.feature_cache import FeatureCache
+    from stego.features.cache import FeatureCache
 
     images = helpers.write_folder(tmp_path / "img", 6, size=(32, 32))
     ds = build_dataset("folder", images, transform=PairTransform(32, crop="center"))
@@ -289,7 +289,7 @@ def _poison_cache(root: Path, obj) -> None:
 
 
 def test_feature_cache_object_arrays_never_unpickled(evil, tiny_cache) -> None:
-    from stego.feature_cache import FeatureCache
+    from stego.features.cache import FeatureCache
 
     obj, marker = evil
     _poison_cache(tiny_cache, obj)
@@ -302,7 +302,7 @@ def test_feature_cache_object_arrays_never_unpickled(evil, tiny_cache) -> None:
 
 
 def test_feature_cache_tampered_shard_is_a_stego_error(tiny_cache, helpers, tmp_path) -> None:
-    from stego.feature_cache import FeatureCache
+    from stego.features.cache import FeatureCache
 
     _poison_cache(tiny_cache, helpers.Evil(tmp_path / "PWNED"))
     cache = FeatureCache.open(tiny_cache)
@@ -313,7 +313,7 @@ def test_feature_cache_tampered_shard_is_a_stego_error(tiny_cache, helpers, tmp_
 
 
 def test_feature_cache_manifest_is_json_only(evil, tiny_cache) -> None:
-    from stego.feature_cache import FeatureCache
+    from stego.features.cache import FeatureCache
 
     obj, marker = evil
     (tiny_cache / "manifest.json").write_bytes(pickle.dumps({"format": obj}))
@@ -323,7 +323,7 @@ def test_feature_cache_manifest_is_json_only(evil, tiny_cache) -> None:
 
 
 def test_feature_cache_binary_manifest_is_a_stego_error(tiny_cache, helpers, tmp_path) -> None:
-    from stego.feature_cache import FeatureCache
+    from stego.features.cache import FeatureCache
 
     (tiny_cache / "manifest.json").write_bytes(pickle.dumps({"f": helpers.Evil(tmp_path / "P")}))
     with pytest.raises(StegoError, match="manifest.json"):
@@ -335,13 +335,13 @@ def test_feature_cache_binary_manifest_is_a_stego_error(tiny_cache, helpers, tmp
 
 @pytest.fixture
 def model_dir(tmp_path, helpers):
-    from stego.pretrained import save_pretrained
+    from stego.models.pretrained import save_pretrained
 
     return save_pretrained(helpers.tiny_segmenter(), tmp_path / "model")
 
 
 def test_model_dir_with_pickle_weights_never_unpickled(evil, model_dir) -> None:
-    from stego.pretrained import load
+    from stego.models.pretrained import load
 
     obj, marker = evil
     torch.save({"head.linear.weight": obj}, model_dir / "model.safetensors")
@@ -351,7 +351,7 @@ def test_model_dir_with_pickle_weights_never_unpickled(evil, model_dir) -> None:
 
 
 def test_model_dir_with_pickle_weights_is_a_stego_error(model_dir, helpers, tmp_path) -> None:
-    from stego.pretrained import load
+    from stego.models.pretrained import load
 
     torch.save({"x": helpers.Evil(tmp_path / "PWNED")}, model_dir / "model.safetensors")
     with pytest.raises(StegoError, match="model.safetensors"):
@@ -359,7 +359,7 @@ def test_model_dir_with_pickle_weights_is_a_stego_error(model_dir, helpers, tmp_
 
 
 def test_model_dir_config_is_json_only(evil, model_dir) -> None:
-    from stego.pretrained import load
+    from stego.models.pretrained import load
 
     obj, marker = evil
     (model_dir / "config.json").write_bytes(pickle.dumps({"meta": obj}))
@@ -369,7 +369,7 @@ def test_model_dir_config_is_json_only(evil, model_dir) -> None:
 
 
 def test_model_dir_binary_config_is_a_stego_error(model_dir, helpers, tmp_path) -> None:
-    from stego.pretrained import load
+    from stego.models.pretrained import load
 
     (model_dir / "config.json").write_bytes(pickle.dumps({"m": helpers.Evil(tmp_path / "P")}))
     with pytest.raises(StegoError, match="config.json"):

@@ -1,1 +1,0 @@
-"""One module per ``stego`` subcommand; see :mod:`stego.cli`."""
