@@ -33,7 +33,6 @@ from stego.errors import StegoError
 __all__ = ["SegmentSettings", "segment_folder", "default_backbone", "choose_steps"]
 
 FIVE_CROP_BELOW = 500  # folders smaller than this are five-cropped (5x the training views)
-SHIFT_KEYS = (("self", "pos_intra"), ("knn", "pos_inter"), ("random", "neg_inter"))
 
 
 @dataclass
@@ -164,6 +163,7 @@ def segment_folder(
     ``summary.json``. Returns the summary.
     """
     from stego.infer.predict import collect_images, predict_paths
+    from stego.losses import SHIFT_KEYS
     from stego.models.pretrained import load, save_pretrained
     from stego.train.trainer import train
 
@@ -218,7 +218,7 @@ def segment_folder(
             shutil.rmtree(run)  # stopped before its first checkpoint: nothing worth keeping
         train(config, run, resume=last.is_file(), progress=progress, verbose=verbose)
     resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
-    s.shifts = {term: round(float(resolved[f"{key}_shift"]), 4) for term, key in SHIFT_KEYS}
+    s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}
     model = load(run / "model")
     save_pretrained(
         model, out / "model", train_config=yaml.safe_load((run / "config.yaml").read_text())

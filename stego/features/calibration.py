@@ -21,8 +21,8 @@ With true labels instead of pseudo-classes this is the rule our CamVid preset's 
 
 Used three ways: :func:`calibrate_shifts` (library), ``stego calibrate`` (prints the shifts,
 writes ``shifts.yaml`` and a histogram figure) and ``loss.*_shift: auto`` in a training config
-(:func:`resolve_auto_shifts`, called by :func:`stego.train.trainer.train` before the module is built;
-the chosen values are logged and saved in the run's ``config.yaml``).
+(:func:`resolve_auto_shifts`, called by :func:`stego.train.trainer.train` before the module is
+built; the chosen values are logged and saved in the run's ``config.yaml``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stego.errors import StegoError
-from stego.losses import derangement, feature_correlation, sample_at, sample_coords
+from stego.losses import (
+    SHIFT_KEYS,
+    TERMS,
+    derangement,
+    feature_correlation,
+    sample_at,
+    sample_coords,
+)
 from stego.models.probes import spherical_kmeans
 
 __all__ = [
@@ -54,13 +61,6 @@ __all__ = [
     "LiveFeatures",
 ]
 
-TERMS: tuple[str, ...] = ("self", "knn", "random")
-# loss config key of each term's shift (the original code's names)
-SHIFT_KEYS: dict[str, str] = {
-    "self": "pos_intra_shift",
-    "knn": "pos_inter_shift",
-    "random": "neg_inter_shift",
-}
 
 
 @dataclass
