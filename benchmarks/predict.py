@@ -54,17 +54,19 @@ def rate(n: int, seconds: float) -> float:
 
 def bench_backbone(model, files: list[Path]) -> float:
     """images/s of the bare backbone on decoded, padded images (decode time excluded)."""
+    from stego.data.transforms import pad_to_multiple
     from stego.infer.predict import read_image_rgb
-    from stego.models.segmenter import pad_to_multiple
 
     images = [
         torch.from_numpy(read_image_rgb(f)).permute(2, 0, 1)[None].float() / 255 for f in files
     ]
     with torch.inference_mode():
-        model.backbone(pad_to_multiple(images[0], model.patch_size)[0])  # warm-up
+        model.backbone(
+            pad_to_multiple(images[0], model.patch_size, mode="replicate").tensor
+        )  # warm-up
         start = time.perf_counter()
         for image in images:
-            model.backbone(pad_to_multiple(image, model.patch_size)[0])
+            model.backbone(pad_to_multiple(image, model.patch_size, mode="replicate").tensor)
     return rate(len(images), time.perf_counter() - start)
 
 

@@ -60,10 +60,10 @@ def case_extract(args: argparse.Namespace) -> dict:
 def case_train(args: argparse.Namespace, cached: bool) -> dict:
     from torch.utils.data import DataLoader
 
-    from stego.models.backbone import build_backbone
     from stego.config import load_config
-    from stego.train.trainer import _data, build_module
+    from stego.models.backbone import build_backbone
     from stego.train.pairs import StepSampler
+    from stego.train.trainer import _data, build_module
 
     config = load_config("camvid", overrides=[
         f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",

@@ -12,9 +12,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from stego.models import backbone as bb
-from stego.models.backbone import BACKBONES, Backbone, build_backbone, list_backbones, weights_digest
 from stego.errors import StegoError
+from stego.models import backbone as bb
+from stego.models.backbone import (
+    BACKBONES,
+    Backbone,
+    build_backbone,
+    list_backbones,
+    weights_digest,
+)
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=32)
 

@@ -13,6 +13,8 @@ import torch
 import yaml
 from PIL import Image
 
+from stego.config import load_config
+from stego.errors import StegoError
 from stego.features.calibration import (
     SHIFT_KEYS,
     TERMS,
@@ -23,8 +25,6 @@ from stego.features.calibration import (
     resolve_auto_shifts,
     shifts_config,
 )
-from stego.config import load_config
-from stego.errors import StegoError
 
 COLORS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
 

@@ -14,12 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from stego.models.cause_heads import (
-    CauseMLPHead,
-    CauseTRHead,
-    load_original_state_dict,
-    original_key_map,
-)
+from stego.errors import StegoError
 from stego.losses.cause import (
     ConceptBank,
     centroid_assign,
@@ -28,7 +23,12 @@ from stego.losses.cause import (
     modularity_loss,
     nearest_concept,
 )
-from stego.errors import StegoError
+from stego.models.cause_heads import (
+    CauseMLPHead,
+    CauseTRHead,
+    load_original_state_dict,
+    original_key_map,
+)
 
 ATOL = 1e-5
 _HERE = Path(__file__).resolve().parent

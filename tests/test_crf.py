@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from stego.errors import StegoError
 from stego.infer.crf import (
     CRFParams,
     _run_pool,
@@ -23,7 +24,6 @@ from stego.infer.crf import (
     unary_energy,
     upsample_probs,
 )
-from stego.errors import StegoError
 
 needs_crf = pytest.mark.skipif(
     importlib.util.find_spec("pydensecrf") is None, reason="pip install 'stego-seg[crf]'"

@@ -22,9 +22,9 @@ from stego.eval.protocol import (
     write_outputs,
 )
 from stego.models.heads import SegmentationHead
-from stego.viz import colorize, overlay
 from stego.models.probes import ClusterProbe, LinearProbe
 from stego.models.segmenter import Segmenter, SegmenterMeta
+from stego.viz import colorize, overlay
 
 COLOURS = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # class k = colour k
 PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)

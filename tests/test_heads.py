@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from stego.errors import StegoError
-from stego.models.heads import HEAD_KINDS, HeadOutput, SegmentationHead, channel_dropout, original_key_map
+from stego.models.heads import (
+    HEAD_KINDS,
+    HeadOutput,
+    SegmentationHead,
+    channel_dropout,
+    original_key_map,
+)
 
 
 def _original_state(d: dict) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stego.models import offline_dinov2 as od
 from stego.errors import StegoError
+from stego.models import offline_dinov2 as od
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

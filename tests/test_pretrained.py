@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import stego
-from stego.models.backbone import build_backbone
 from stego.errors import StegoError
+from stego.models.backbone import build_backbone
 from stego.models.heads import SegmentationHead
 from stego.models.probes import ClusterProbe, LinearProbe
 from stego.models.segmenter import Segmenter, SegmenterMeta

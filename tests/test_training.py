@@ -19,8 +19,8 @@ from PIL import Image
 
 from stego.config import StegoConfig, load_config
 from stego.errors import StegoError
-from stego.train.trainer import StegoModule, train
 from stego.train.pairs import StepSampler, split_holdout
+from stego.train.trainer import StegoModule, train
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])

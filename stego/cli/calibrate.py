@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from stego.atomic import atomic_write
-    from stego.models.backbone import build_backbone
+    from stego.cli.features import resolve_device
+    from stego.data import dataset_info
+    from stego.errors import StegoError
     from stego.features.calibration import (
         SHIFT_KEYS,
         TERMS,
@@ -125,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
         pseudo_class_count,
         shifts_config,
     )
-    from stego.cli.features import resolve_device
-    from stego.data import dataset_info
-    from stego.errors import StegoError
+    from stego.models.backbone import build_backbone
     from stego.train.pairs import feature_cache, neighbor_table, open_split
 
     backbone = build_backbone(args.backbone, weights=args.weights, layer=args.layer)

@@ -39,8 +39,8 @@ from torch import Tensor
 from stego.atomic import atomic_write
 from stego.errors import StegoError
 from stego.eval.metrics import Scores, UnsupervisedMetrics, map_clusters
-from stego.viz import Example, confusion_figure, examples_grid, iou_bars
 from stego.models.segmenter import Segmenter
+from stego.viz import Example, confusion_figure, examples_grid, iou_bars
 
 __all__ = [
     "EvalResult",
@@ -136,7 +136,7 @@ def _predict(
     if not crf:  # ids only: the cheaper exact argmax (Segmenter.labels)
         with_linear = use_linear and model.linear_probe is not None
         probes = ("cluster", "linear") if with_linear else ("cluster",)
-        ids = model.labels_by_probe(images, flip=flip, size=size, probes=probes)
+        ids = model.predict_probes(images, flip=flip, size=size, probes=probes)
         return ids["cluster"], ids.get("linear")
     out = model(images, flip=flip, size=size)
     maps = [out.cluster_log_probs]  # (B, K, H, W)
@@ -371,47 +371,39 @@ def _load_lightning(path: Path, device: str | torch.device) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), config, path)
 
 
+_INFERENCE_PARTS = ("head", "cluster_probe", "linear_probe")  # StegoModule parts a Segmenter has
+
+
 def _segmenter_from_state(
     state: dict[str, Tensor], hparams: dict[str, Any]
 ) -> tuple[Segmenter, dict[str, Any]]:
     """Segmenter from a StegoModule state dict (head.*, cluster_probe.*, linear_probe.*) and
     its hyper-parameters (the run's config dict, as :func:`stego.train.trainer.build_module` saves)."""
-    from stego.models.backbone import build_backbone
     from stego.config import StegoConfig
     from stego.data import dataset_info
-    from stego.models.heads import SegmentationHead
-    from stego.models.probes import ClusterProbe, LinearProbe
-    from stego.models.segmenter import SegmenterMeta
+    from stego.models.backbone import build_backbone
+    from stego.models.segmenter import SegmenterMeta, build_segmenter
 
     config = StegoConfig.from_dict(hparams.get("config", hparams), source="checkpoint")
     m = config.model
     with torch.random.fork_rng():  # a random backbone (tests) is rebuilt as training built it
         torch.manual_seed(config.train.seed)
         backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
-    head = SegmentationHead(backbone.embed_dim, m.code_dim, m.head, m.dropout)
-    cluster = ClusterProbe(head.out_dim, int(state["cluster_probe.clusters"].shape[0]))
-    linear = None
-    if "linear_probe.conv.weight" in state:
-        linear = LinearProbe(head.out_dim, int(state["linear_probe.conv.weight"].shape[0]))
-    for prefix, module in (("head.", head), ("cluster_probe.", cluster), ("linear_probe.", linear)):
-        if module is not None:
-            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            module.load_state_dict(own)
-    info = dataset_info(config.data.dataset)
-    meta = SegmenterMeta(
-        backbone=m.backbone,
-        backbone_layer=m.layer,
-        head_kind=m.head,
-        code_dim=head.out_dim,
-        n_clusters=cluster.n_clusters,
-        n_classes=None if linear is None else linear.n_classes,
-        dataset=info.name,
-        class_names=list(info.class_names) or None,
-        palette=info.palette.tolist() if len(info.palette) else None,
-        resolution=config.data.resolution,
+    own = {k: v for k, v in state.items() if k.split(".")[0] in _INFERENCE_PARTS}
+    meta = SegmenterMeta.from_config(
+        config,
+        dataset_info(config.data.dataset),
+        code_dim=int(state["cluster_probe.clusters"].shape[1]),
+        n_clusters=int(state["cluster_probe.clusters"].shape[0]),
+        n_classes=(
+            int(state["linear_probe.conv.weight"].shape[0])
+            if "linear_probe.conv.weight" in state
+            else None
+        ),
         backbone_digest=backbone.weights_digest,
     )
-    return Segmenter(backbone, head, cluster, linear, meta), config.to_dict()
+    model = build_segmenter(meta, state=own, backbone=backbone, source="the checkpoint")
+    return model, config.to_dict()
 
 
 # --------------------------------------------------------------------------- outputs

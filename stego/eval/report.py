@@ -88,8 +88,11 @@ def _write_examples(
     """Per example: PNGs of image, label, cluster, linear, overlay -> [(caption, file name)]."""
     rows = []
     for i, e in enumerate(examples):
-        panels = [("image", e.image), ("label", colorize(e.label, palette)),
-                  ("cluster (matched)", colorize(e.cluster, palette))]
+        panels = [
+            ("image", e.image),
+            ("label", colorize(e.label, palette)),
+            ("cluster (matched)", colorize(e.cluster, palette)),
+        ]
         if e.linear is not None:
             panels.append(("linear probe", colorize(e.linear, palette)))
         panels.append(("overlay (cluster)", overlay(e.image, e.cluster, palette)))
@@ -213,8 +216,12 @@ def write_report(run_or_eval_dir: str | Path, out_html: str | Path | None = None
     names = data["class_names"]
     cluster = data["cluster"]
     confusion = np.asarray(cluster["confusion"], dtype=np.int64)
-    confusion_figure(confusion, names, assets / "confusion.png",
-                     assignment=np.asarray(cluster["assignment"], dtype=np.int64))
+    confusion_figure(
+        confusion,
+        names,
+        assets / "confusion.png",
+        assignment=np.asarray(cluster["assignment"], dtype=np.int64),
+    )
     iou_bars({p: data[p]["iou"] for p in ("cluster", "linear") if p in data}, assets / "iou.png")
     stored = eval_dir / EXAMPLES_FILE
     examples = load_examples(stored) if stored.is_file() else []

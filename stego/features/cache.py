@@ -28,7 +28,12 @@ from torch.utils.data import Dataset, Subset
 
 from stego.atomic import atomic_write, check_free_space, file_lock, format_bytes
 from stego.errors import StegoError
-from stego.features.fingerprint import backbone_fingerprint, check_fingerprint, item_paths, rebuild_command
+from stego.features.fingerprint import (
+    backbone_fingerprint,
+    check_fingerprint,
+    item_paths,
+    rebuild_command,
+)
 from stego.features.neighbors import NeighborTable, backbone_batches, positive_index
 
 __all__ = ["FeatureCache", "CachedFeatureDataset", "positive_index"]

@@ -246,7 +246,7 @@ def _maps(
             images, size=small, mode="bilinear", align_corners=False, antialias=True
         )
     if not crf:
-        return model.labels(net_in, flip=flip, size=(height, width), probe=probe)
+        return model.predict(net_in, flip=flip, size=(height, width), probe=probe)
     out = model(net_in, flip=flip, size=(height, width))
     if probe == "linear":
         if out.linear_log_probs is None:

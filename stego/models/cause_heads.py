@@ -106,7 +106,9 @@ class CauseTRHead(nn.Module):
         self.self_attn = nn.MultiheadAttention(in_dim, n_heads, dropout=dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(in_dim, n_heads, dropout=dropout, batch_first=True)
         self.ffn = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(in_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden_dim, in_dim),
         )
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(in_dim) for _ in range(3))
@@ -161,9 +163,13 @@ def original_key_map(kind: str) -> dict[str, str]:
         return proj
     if kind == "tr":
         layer = {
-            "tr.self_attn.": "self_attn.", "tr.multihead_attn.": "cross_attn.",
-            "tr.linear1.": "ffn.0.", "tr.linear2.": "ffn.3.",
-            "tr.norm1.": "norm1.", "tr.norm2.": "norm2.", "tr.norm3.": "norm3.",
+            "tr.self_attn.": "self_attn.",
+            "tr.multihead_attn.": "cross_attn.",
+            "tr.linear1.": "ffn.0.",
+            "tr.linear2.": "ffn.3.",
+            "tr.norm1.": "norm1.",
+            "tr.norm2.": "norm2.",
+            "tr.norm3.": "norm3.",
         }
         return {**layer, **{f"tr.{k}": f"proj.{v}" for k, v in proj.items()}}
     raise StegoError(f"unknown CAUSE head kind {kind!r}; use 'mlp' or 'tr'")
@@ -178,7 +184,7 @@ def load_original_state_dict(head: CauseMLPHead | CauseTRHead, state: dict[str, 
     mapping = original_key_map("tr" if isinstance(head, CauseTRHead) else "mlp")
     ours: dict[str, Tensor] = {}
     for key, value in state.items():
-        new = next((v + key[len(k):] for k, v in mapping.items() if key.startswith(k)), key)
+        new = next((v + key[len(k) :] for k, v in mapping.items() if key.startswith(k)), key)
         if value.dim() == 4 and value.shape[2:] == (1, 1):
             value = value.flatten(1)
         ours[new] = value

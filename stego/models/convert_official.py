@@ -178,8 +178,8 @@ def load_official(
     ``backbone`` overrides the registry name derived from the config. ``log`` receives one line
     naming the training-only parts left out; unknown extra weights are warned about.
     """
-    from stego.models.backbone import build_backbone, weights_digest
     from stego.data import dataset_info
+    from stego.models.backbone import build_backbone, weights_digest
     from stego.models.heads import SegmentationHead
     from stego.models.probes import ClusterProbe, LinearProbe
     from stego.models.safe_pickle import load_checkpoint

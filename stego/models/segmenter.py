@@ -9,21 +9,26 @@ bilinearly to the output size, then ``log_softmax(alpha * cosine)`` for the clus
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stego.data.transforms import pad_to_multiple
 from stego.errors import StegoError
+from stego.models.heads import SegmentationHead
+from stego.models.probes import ClusterProbe, LinearProbe
 
 if TYPE_CHECKING:
+    from stego.config import StegoConfig
+    from stego.data.registry import DatasetInfo
     from stego.models.backbone import Backbone
-    from stego.models.heads import SegmentationHead
-    from stego.models.probes import ClusterProbe, LinearProbe
 
-__all__ = ["Segmenter", "SegmenterMeta", "SegmenterOutput", "pad_to_multiple"]
+__all__ = ["Segmenter", "SegmenterMeta", "SegmenterOutput", "build_segmenter"]
 
 
 @dataclass
@@ -52,24 +57,38 @@ class SegmenterMeta:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def from_config(
+        cls,
+        config: StegoConfig,
+        info: DatasetInfo,
+        *,
+        code_dim: int,
+        n_clusters: int,
+        n_classes: int | None,
+        backbone_digest: str = "",
+    ) -> SegmenterMeta:
+        """The metadata of a model trained with ``config`` on the dataset described by ``info``."""
+        m = config.model
+        return cls(
+            backbone=m.backbone,
+            backbone_layer=m.layer,
+            head_kind=m.head,
+            code_dim=code_dim,
+            n_clusters=n_clusters,
+            n_classes=n_classes,
+            dataset=info.name,
+            class_names=list(info.class_names) or None,
+            palette=info.palette.tolist() if len(info.palette) else None,
+            resolution=config.data.resolution,
+            backbone_digest=backbone_digest,
+        )
+
 
 class SegmenterOutput(NamedTuple):
     code: Tensor  # (B, D, h, w) code at feature resolution (flip-averaged)
     cluster_log_probs: Tensor  # (B, K, H, W) log-probabilities of the clusters at output size
     linear_log_probs: Tensor | None  # (B, n_classes, H, W) or None without a linear probe
-
-
-def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Pad (B, 3, H, W) on the bottom/right by edge replication to multiples of ``multiple``.
-
-    Returns the padded images and the original (H, W), so outputs can be cropped back.
-    """
-    height, width = images.shape[-2:]
-    pad_h = (-height) % multiple
-    pad_w = (-width) % multiple
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
-    return images, (height, width)
 
 
 class Segmenter(nn.Module):
@@ -91,11 +110,60 @@ class Segmenter(nn.Module):
         self.meta = meta
 
     @classmethod
-    def from_pretrained(cls, path: str, *, device: str | torch.device = "cpu") -> Segmenter:
-        """Load a model saved by :func:`stego.models.pretrained.save_pretrained` (directory or hub id)."""
-        from stego.models.pretrained import load
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        backbone_weights: str | Path | None = None,
+    ) -> Segmenter:
+        """Load a model saved by :meth:`save_pretrained` (a directory or a hub id)."""
+        from stego.models.files import WEIGHTS_FILE, read_model_dir
 
-        return load(path, device=device)
+        config, state, directory = read_model_dir(path)
+        try:
+            meta = SegmenterMeta.from_dict(config["meta"])
+        except TypeError as exc:
+            raise StegoError(f"{directory} has an invalid model config ({exc})") from exc
+        included = bool(config.get("includes_backbone"))
+        model = build_segmenter(
+            meta,
+            state=state,
+            backbone_weights=backbone_weights,
+            backbone_pretrained=not included,  # included: weights come from the state
+            source=str(directory / WEIGHTS_FILE),
+        )
+        digest = getattr(model.backbone, "weights_digest", "")
+        if meta.backbone_digest and digest and digest != meta.backbone_digest and not included:
+            warnings.warn(
+                f"backbone weights differ from the ones this model was trained with "
+                f"({digest} != {meta.backbone_digest}); predictions may be poor",
+                stacklevel=2,
+            )
+        return model.to(device).eval()
+
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        train_config: dict[str, Any] | None = None,
+        include_backbone: bool = False,
+    ) -> Path:
+        """Write the model to ``directory`` (created; see :mod:`stego.models.files`)."""
+        from stego.models.files import write_model_dir
+
+        state = {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if include_backbone or not name.startswith("backbone.")
+        }
+        self.meta.backbone_digest = str(getattr(self.backbone, "weights_digest", ""))
+        config = {
+            "meta": self.meta.to_dict(),
+            "includes_backbone": include_backbone,
+            "train_config": train_config,
+        }
+        return write_model_dir(directory, state, config)
 
     @property
     def patch_size(self) -> int:
@@ -132,11 +200,12 @@ class Segmenter(nn.Module):
         self, images: Tensor, flip: bool
     ) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
         """Code (B, D, h, w) of the padded images, the padded size and the images' own size."""
-        padded, own = pad_to_multiple(images, self.patch_size)
-        return self.encode(padded, flip=flip), tuple(padded.shape[-2:]), own  # type: ignore[return-value]
+        padded = pad_to_multiple(images, self.patch_size, mode="replicate")
+        own = (padded.height, padded.width)
+        return self.encode(padded.tensor, flip=flip), tuple(padded.tensor.shape[-2:]), own  # type: ignore[return-value]
 
     @torch.no_grad()
-    def labels(
+    def predict(
         self,
         images: Tensor,
         *,
@@ -144,7 +213,8 @@ class Segmenter(nn.Module):
         size: tuple[int, int] | None = None,
         probe: str = "cluster",
     ) -> Tensor:
-        """Ids (B, H, W) int64 of images (B, 3, H, W): the argmax of :meth:`forward`'s maps.
+        """Ids (B, H, W) int64 of images (B, 3, H, W) in [0, 1]: the argmax of :meth:`forward`'s
+        maps of ``probe`` ("cluster" or "linear"), at the images' own size or ``size``.
 
         Cheaper than ``forward(...).cluster_log_probs.argmax(1)`` and equal to it: the cosine
         with centroid k is ``code . c_k / |code|`` (c_k unit-norm), and ``|code| > 0`` is the
@@ -153,10 +223,10 @@ class Segmenter(nn.Module):
         upsampled exactly as the code would be. Likewise for the linear probe's logits (a 1x1
         convolution commutes with bilinear interpolation). Only exact float ties can differ.
         """
-        return self.labels_by_probe(images, flip=flip, size=size, probes=(probe,))[probe]
+        return self.predict_probes(images, flip=flip, size=size, probes=(probe,))[probe]
 
     @torch.no_grad()
-    def labels_by_probe(
+    def predict_probes(
         self,
         images: Tensor,
         *,
@@ -164,7 +234,7 @@ class Segmenter(nn.Module):
         size: tuple[int, int] | None = None,
         probes: tuple[str, ...] = ("cluster", "linear"),
     ) -> dict[str, Tensor]:
-        """:meth:`labels` of several probes from one backbone pass: {probe: (B, H, W) int64}."""
+        """:meth:`predict` of several probes from one backbone pass: {probe: (B, H, W) int64}."""
         code, padded_size, own = self._encode_padded(images, flip)
         out = {}
         for probe in probes:
@@ -181,9 +251,17 @@ class Segmenter(nn.Module):
             out[probe] = _to_output_size(scores, padded_size, own, size).max(dim=1).indices
         return out
 
-    def predict(self, images: Tensor, *, flip: bool = True) -> Tensor:
-        """Cluster ids (B, H, W) int64 at the images' own size."""
-        return self.labels(images, flip=flip)
+    def labels(self, images: Tensor, **kwargs: Any) -> Tensor:
+        """Deprecated alias of :meth:`predict` (stego 0.1); removed in 0.3."""
+        warnings.warn("Segmenter.labels is now Segmenter.predict", DeprecationWarning, 2)
+        return self.predict(images, **kwargs)
+
+    def labels_by_probe(self, images: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        """Deprecated alias of :meth:`predict_probes` (stego 0.1); removed in 0.3."""
+        warnings.warn(
+            "Segmenter.labels_by_probe is now Segmenter.predict_probes", DeprecationWarning, 2
+        )
+        return self.predict_probes(images, **kwargs)
 
 
 def _to_output_size(
@@ -199,3 +277,59 @@ def _to_output_size(
     if size is not None and tuple(size) != tuple(own_size):
         full = F.interpolate(full, size=size, mode="bilinear", align_corners=False)
     return full
+
+
+def build_segmenter(
+    meta: SegmenterMeta,
+    *,
+    state: dict[str, Tensor] | None = None,
+    backbone: Backbone | None = None,
+    backbone_weights: str | Path | None = None,
+    backbone_pretrained: bool = True,
+    source: str = "the weights",
+) -> Segmenter:
+    """The one place a :class:`Segmenter` is assembled: backbone, head, probes from ``meta``.
+
+    ``backbone`` is reused when given, else built from the registry (``backbone_weights``: a
+    local file instead of the registry's weights; ``backbone_pretrained=False``: random init,
+    for weights that come with ``state``). ``state`` (a Segmenter state dict, the backbone's
+    entries optional) is loaded strictly; ``source`` names it in errors. A linear probe is built
+    when ``meta.n_classes`` is set and ``state`` holds its weights (or no state is given).
+    """
+    from stego.models.backbone import build_backbone
+
+    if backbone is None:
+        backbone = build_backbone(
+            meta.backbone,
+            weights=backbone_weights,
+            layer=meta.backbone_layer,
+            pretrained=backbone_pretrained,
+        )
+    head = SegmentationHead(backbone.embed_dim, meta.code_dim, kind=meta.head_kind)
+    cluster = ClusterProbe(head.out_dim, meta.n_clusters)
+    has_linear = state is None or any(k.startswith("linear_probe.") for k in state)
+    linear = LinearProbe(head.out_dim, meta.n_classes) if meta.n_classes and has_linear else None
+    model = Segmenter(backbone, head, cluster, linear, meta)
+    if state is not None:
+        _load_state(
+            model, state, source, backbone_included=any(k.startswith("backbone.") for k in state)
+        )
+    return model
+
+
+def _load_state(
+    model: Segmenter, state: dict[str, Tensor], source: str, *, backbone_included: bool
+) -> None:
+    """Load ``state`` into ``model``: every non-backbone weight must be there and fit."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise StegoError(
+            f"{source} does not match its config ({exc}); save the model again"
+        ) from exc
+    missing = [k for k in missing if backbone_included or not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise StegoError(
+            f"{source} does not match its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )

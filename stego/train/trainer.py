@@ -393,8 +393,8 @@ def build_module(
     config: StegoConfig, backbone: Any, n_classes: int | None, palette: Any = None
 ) -> StegoModule:
     """The StegoModule of ``config`` (the one place that reads model/loss settings)."""
-    from stego.models.heads import SegmentationHead
     from stego.losses import StegoLoss
+    from stego.models.heads import SegmentationHead
     from stego.models.probes import ClusterProbe, LinearProbe
 
     m, lo, t = config.model, config.loss, config.train
@@ -705,22 +705,15 @@ def _kmeans_probe(
 def _save_model(
     module: StegoModule, backbone: Any, config: StegoConfig, info: Any, directory: Path
 ) -> None:
-    """The inference model (backbone + head + probes) via stego.models.pretrained."""
-    from stego.models.pretrained import save_pretrained
+    """Save the inference model (backbone + head + probes) to ``directory``."""
     from stego.models.segmenter import Segmenter, SegmenterMeta
 
-    m = config.model
-    meta = SegmenterMeta(
-        backbone=m.backbone,
-        backbone_layer=m.layer,
-        head_kind=m.head,
+    meta = SegmenterMeta.from_config(
+        config,
+        info,
         code_dim=module.head.out_dim,
         n_clusters=module.cluster_probe.n_clusters,
         n_classes=module.linear_probe.n_classes if module.linear_probe is not None else None,
-        dataset=info.name,
-        class_names=list(info.class_names) or None,
-        palette=info.palette.tolist() if len(info.palette) else None,
-        resolution=config.data.resolution,
     )
     model = Segmenter(
         backbone.cpu(),
@@ -729,4 +722,4 @@ def _save_model(
         None if module.linear_probe is None else module.linear_probe.cpu(),
         meta,
     )
-    save_pretrained(model, directory, train_config=config.to_dict())
+    model.save_pretrained(directory, train_config=config.to_dict())

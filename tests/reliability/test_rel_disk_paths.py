@@ -35,8 +35,8 @@ def _dataset(tmp_path: Path, helpers, n: int = 6):
 
 
 def test_feature_cache_out_of_space(tmp_path, helpers, little_space) -> None:
-    from stego.models.backbone import build_backbone
     from stego.features.cache import FeatureCache
+    from stego.models.backbone import build_backbone
 
     root = tmp_path / "cache"
     backbone, dataset = build_backbone("tiny-vit", pretrained=False), _dataset(tmp_path, helpers)

@@ -29,9 +29,9 @@ def _features_args(images: Path, out: Path) -> list[str]:
 
 
 def _reference_cache(images: Path, out: Path):
-    from stego.models.backbone import build_backbone
     from stego.data import PairTransform, build_dataset
     from stego.features.cache import FeatureCache
+    from stego.models.backbone import build_backbone
 
     ds = build_dataset("folder", images, "all", transform=PairTransform(32, crop="center"))
     return FeatureCache.build(build_backbone("tiny-vit"), ds, out, dataset_name="folder",

@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stego.losses import StegoLoss, correlation_parts
 from stego.eval.metrics import UnsupervisedMetrics, confusion_matrix, unsupervised_scores
+from stego.losses import StegoLoss, correlation_parts
 
 SETTINGS = settings(max_examples=30, deadline=None)
 

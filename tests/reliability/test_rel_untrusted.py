@@ -270,9 +270,9 @@ def test_neighbor_safetensors_with_pickle_inside_refused(evil, tmp_path) -> None
 
 @pytest.fixture
 def tiny_cache(tmp_path, helpers):
-    from stego.models.backbone import build_backbone
     from stego.data import PairTransform, build_dataset
     from stego.features.cache import FeatureCache
+    from stego.models.backbone import build_backbone
 
     images = helpers.write_folder(tmp_path / "img", 6, size=(32, 32))
     ds = build_dataset("folder", images, transform=PairTransform(32, crop="center"))
