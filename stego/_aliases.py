@@ -30,7 +30,7 @@ OLD_TO_NEW: dict[str, str] = {
     "stego.calibration": "stego.features.calibration",
     "stego.training": "stego.train.trainer",
     "stego.training_data": "stego.train.pairs",
-    "stego.train_logging": "stego.train.figures",
+    "stego.train_logging": "stego.train.console",
     "stego.evaluation": "stego.eval.protocol",
     "stego.metrics": "stego.eval.metrics",
     "stego.report": "stego.eval.report",

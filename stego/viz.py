@@ -9,6 +9,7 @@ integer arrays where any value outside ``[0, K)`` (e.g. ``IGNORE = -1``) is draw
 
 from __future__ import annotations
 
+import colorsys
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -22,10 +23,13 @@ from stego.errors import StegoError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch import Tensor
 
 __all__ = [
     "Example",
+    "default_palette",
     "colorize",
+    "prediction_figure",
     "overlay",
     "save_png",
     "confusion_figure",
@@ -74,6 +78,19 @@ def _palette(palette: Any) -> np.ndarray:
     if pal.ndim != 2 or pal.shape[1] != 3 or len(pal) == 0:
         raise StegoError(f"a palette must be (K, 3) RGB colours, got shape {pal.shape}")
     return np.clip(pal, 0, 255).astype(np.uint8)
+
+
+def default_palette(n: int) -> np.ndarray:
+    """n distinct RGB colours (n, 3) uint8: golden-ratio hues, alternating brightness.
+
+    The colours of ids that have no class colour (clusters of an unlabelled model, classes of a
+    dataset without a palette), the same in predictions, evaluations, reports and training logs.
+    """
+    colours = [
+        colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 1.0 if k % 2 == 0 else 0.7)
+        for k in range(n)
+    ]
+    return (np.array(colours, dtype=np.float64).reshape(n, 3) * 255 + 0.5).astype(np.uint8)
 
 
 def colorize(labels: np.ndarray, palette: Any) -> np.ndarray:
@@ -182,8 +199,11 @@ def examples_grid(
     n_rows, n_cols = len(examples), len(titles)
     fig = _figure(2.4 * n_cols, 2.4 * n_rows + 0.8)
     for r, example in enumerate(examples):
-        panels = [example.image, colorize(example.label, palette),
-                  colorize(example.cluster, palette)]
+        panels = [
+            example.image,
+            colorize(example.label, palette),
+            colorize(example.cluster, palette),
+        ]
         if has_linear:
             blank = np.zeros_like(example.image)
             linear = example.linear
@@ -208,8 +228,14 @@ def _legend(fig: Figure, palette: Any, class_names: Sequence[str]) -> None:
         for k, name in enumerate(class_names)
         if k < len(pal)
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7,
-               frameon=False, bbox_to_anchor=(0.5, -0.02 * math.ceil(len(handles) / 6)))
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(6, len(handles)),
+        fontsize=7,
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.02 * math.ceil(len(handles) / 6)),
+    )
 
 
 def _series(iou_by_class: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -245,8 +271,13 @@ def iou_bars(iou_by_class: Mapping[str, Any], path: str | Path, *, title: str = 
         pos = y + (j - (k - 1) / 2) * height
         ax.barh(pos, np.nan_to_num(vals), height=height, label=label)
         for p, v in zip(pos, vals, strict=True):
-            ax.text(1.0 if np.isnan(v) else v + 1.0, p, "n/a" if np.isnan(v) else f"{v:.1f}",
-                    va="center", fontsize=7)
+            ax.text(
+                1.0 if np.isnan(v) else v + 1.0,
+                p,
+                "n/a" if np.isnan(v) else f"{v:.1f}",
+                va="center",
+                fontsize=7,
+            )
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 110)
@@ -255,3 +286,37 @@ def iou_bars(iou_by_class: Mapping[str, Any], path: str | Path, *, title: str = 
     if k > 1:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save_figure(fig, path)
+
+
+def prediction_figure(
+    images: Tensor,
+    labels: Tensor | None,
+    preds: Tensor,
+    palette: np.ndarray | None = None,
+    title: str = "",
+) -> Figure:
+    """One row per image: image | label | cluster prediction (for training logs).
+
+    images (B, 3, H, W) float in [0, 1]; labels (B, H, W) int64 (-1 ignore) or None;
+    preds (B, H, W) int64 cluster ids, ideally already mapped to classes.
+    """
+    n_ids = int(max(preds.max().item(), labels.max().item() if labels is not None else 0)) + 1
+    pal = _palette(palette) if palette is not None else default_palette(n_ids)
+    cols = 3 if labels is not None else 2
+    rows = images.shape[0]
+    fig = _figure(2.2 * cols, 2.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(rows):
+        panels = [(images[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), "image")]
+        if labels is not None:
+            panels.append((colorize(labels[i].cpu().numpy(), pal), "label"))
+        panels.append((colorize(preds[i].cpu().numpy(), pal), "clusters"))
+        for ax, (array, name) in zip(axes[i], panels, strict=False):
+            ax.imshow(array, interpolation="nearest")
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

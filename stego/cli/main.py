@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from stego.train.figures import quiet_libraries
+    from stego.train.console import quiet_libraries
 
     try:
         with quiet_libraries(bool(getattr(args, "verbose", False))):

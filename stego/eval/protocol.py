@@ -40,7 +40,7 @@ from stego.atomic import atomic_write
 from stego.errors import StegoError
 from stego.eval.metrics import Scores, UnsupervisedMetrics, map_clusters
 from stego.models.segmenter import Segmenter
-from stego.viz import Example, confusion_figure, examples_grid, iou_bars
+from stego.viz import Example, confusion_figure, default_palette, examples_grid, iou_bars
 
 __all__ = [
     "EvalResult",
@@ -528,7 +528,6 @@ def _dataset_info(name: str, model: Segmenter) -> tuple[str, list[str], np.ndarr
     else "class k" for its linear-probe classes or its clusters).
     """
     from stego.data import dataset_info
-    from stego.data.classes import pascal_palette
 
     info = dataset_info(name)
     meta = model.meta
@@ -539,7 +538,7 @@ def _dataset_info(name: str, model: Segmenter) -> tuple[str, list[str], np.ndarr
     palette = np.asarray(info.palette, dtype=np.uint8)
     if len(palette) < len(names):
         fallback = meta.palette if meta.palette and len(meta.palette) >= len(names) else None
-        palette = np.asarray(fallback if fallback else pascal_palette(len(names)), dtype=np.uint8)
+        palette = np.asarray(fallback if fallback else default_palette(len(names)), dtype=np.uint8)
     return info.name, names, palette[: len(names)]
 
 

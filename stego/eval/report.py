@@ -20,7 +20,15 @@ import numpy as np
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
-from stego.viz import Example, colorize, confusion_figure, iou_bars, overlay, save_png
+from stego.viz import (
+    Example,
+    colorize,
+    confusion_figure,
+    default_palette,
+    iou_bars,
+    overlay,
+    save_png,
+)
 
 __all__ = ["find_eval_dir", "write_report"]
 
@@ -77,9 +85,7 @@ def _read_metrics(eval_dir: Path) -> dict[str, Any]:
 def _palette(data: dict[str, Any]) -> np.ndarray:
     if data.get("palette"):
         return np.asarray(data["palette"], dtype=np.uint8)
-    from stego.data.classes import pascal_palette
-
-    return pascal_palette(len(data["class_names"]))
+    return default_palette(len(data["class_names"]))
 
 
 def _write_examples(

@@ -17,7 +17,6 @@ square of the number of patches) and the prediction is upsampled back to the ori
 
 from __future__ import annotations
 
-import colorsys
 import json
 import sys
 import time
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
+from stego.viz import default_palette, overlay
 
 __all__ = ["PredictSummary", "collect_images", "predict_paths", "read_image_rgb", "legend"]
 
@@ -124,15 +124,6 @@ def _inside(out_dir: Path, rel: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- colours
-
-
-def default_palette(n: int) -> np.ndarray:
-    """n distinct RGB colours (n, 3) uint8: golden-ratio hues, alternating brightness."""
-    colours = [
-        colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 1.0 if k % 2 == 0 else 0.7)
-        for k in range(n)
-    ]
-    return (np.array(colours, dtype=np.float64).reshape(n, 3) * 255 + 0.5).astype(np.uint8)
 
 
 def legend(model: Any, probe: str = "cluster") -> list[dict[str, Any]]:
@@ -283,10 +274,10 @@ def _write_outputs(
     label_img = Image.fromarray(
         labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
     )
-    overlay = (image * (1 - alpha) + colours[labels] * alpha + 0.5).astype(np.uint8)
+    blended = overlay(image, labels, colours, alpha)
     # zlib level 1: the photo-like overlay encodes 3x faster (18 vs 58 ms at 480x360) for 6%
     # more bytes; at the default level its encoding cost a quarter of a no-CRF prediction.
-    for sub, picture in (("overlays", Image.fromarray(overlay)), ("labels", label_img)):
+    for sub, picture in (("overlays", Image.fromarray(blended)), ("labels", label_img)):
         with atomic_write(_inside(out_dir, Path(sub) / rel)) as handle:
             picture.save(handle, format="PNG", compress_level=1)
 
@@ -331,7 +322,7 @@ def predict_paths(
     for source, rel in items:
         (summary.existing.append(source) if _done(out_dir, rel) else todo.append((source, rel)))
     entries = legend(model, probe)
-    colours = np.array([e["color"] for e in entries], dtype=np.float64).reshape(-1, 3)
+    colours = np.array([e["color"] for e in entries], dtype=np.uint8).reshape(-1, 3)
     with atomic_write(out_dir / "clusters.json", "w") as handle:
         json.dump({"probe": probe, "ids": entries}, handle, indent=2)
     model = model.to(device).eval()

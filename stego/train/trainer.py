@@ -259,7 +259,8 @@ class StegoModule(L.LightningModule):
         due = self.figure_every and step // self.figure_every != self._last_figure_step
         if not due or self._figure_batch is None or self.global_rank != 0:
             return
-        from stego.train.figures import log_figure, prediction_figure
+        from stego.train.console import log_figure
+        from stego.viz import prediction_figure
 
         self._last_figure_step = step // self.figure_every
         fb = self._figure_batch
@@ -470,7 +471,7 @@ def _data(config: StegoConfig, backbone: Any, progress: bool) -> tuple[StegoData
     cache = feature_cache(backbone, train_ds, t.use_feature_cache, split=d.split, **where, **run)
     nbrs = neighbor_table(backbone, train_ds, t.knn_k, split=d.split, cache=cache, **where, **run)
     if progress:
-        from stego.train.figures import report_artifacts
+        from stego.train.console import report_artifacts
 
         report_artifacts(root, table, cache is not None, had)
     has_labels = bool(getattr(train_ds, "has_labels", False))
@@ -534,7 +535,7 @@ def _trainer(
             )
         )
     if progress and not verbose:  # verbose: Lightning's own bar instead
-        from stego.train.figures import step_progress
+        from stego.train.console import step_progress
 
         callbacks.append(step_progress(t.steps))
     world = t.devices * t.num_nodes
@@ -580,9 +581,9 @@ def train(
     from ``checkpoints/last.ckpt`` and reaches the weights an uninterrupted run would.
     ``progress``: one bar per stage and a line per artefact; ``verbose``: also Lightning's own
     banners, notices and progress bar (hidden by default, see
-    :func:`stego.train.figures.quiet_libraries`).
+    :func:`stego.train.console.quiet_libraries`).
     """
-    from stego.train.figures import quiet_libraries
+    from stego.train.console import quiet_libraries
 
     with quiet_libraries(verbose):
         return _train(config, out_dir, resume=resume, progress=progress, verbose=verbose)
@@ -623,7 +624,7 @@ def _train(
         for stray in (out_dir / "checkpoints").glob(".*.tmp-*"):  # a write killed mid-way
             stray.unlink(missing_ok=True)
         if ckpt is not None:
-            from stego.train.figures import keep_csv_log
+            from stego.train.console import keep_csv_log
 
             keep_csv_log(out_dir / "logs" / "csv")
     trainer = _trainer(config, out_dir, data.val is not None, progress and rank0, verbose)
