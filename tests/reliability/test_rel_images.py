@@ -92,17 +92,23 @@ def test_exif_orientation_6_is_applied(tmp_path, helpers) -> None:
     assert out[:20, :, 0].mean() > 200 and out[20:, :, 2].mean() > 200
 
 
-def test_exif_rotated_image_with_unrotated_label_is_a_size_error(tmp_path, helpers) -> None:
-    """Label policy: labels are not rotated. A label drawn on the stored (unrotated) pixels no
-    longer matches the upright image; the dataset says so, naming both files."""
+def test_exif_tag_is_ignored_when_the_folder_has_labels(tmp_path, helpers) -> None:
+    """Label policy (docs/data.md): in a labelled dataset image and label are both read as
+    stored, so a label drawn on the stored pixels stays aligned (the original and the datasets'
+    annotation tools do the same); the EXIF orientation is applied only to unlabelled folders."""
     images, labels = tmp_path / "img", tmp_path / "lab"
     helpers.exif_rotated_jpeg(images / "x.jpg", helpers.rgb_array(20, 40))
     labels.mkdir()
-    Image.fromarray(np.zeros((20, 40), np.uint8)).save(labels / "x.png")
-    ds = build_dataset("folder", images, label_dir=labels, n_classes=2)
-    with pytest.raises(StegoError, match="EXIF") as info:
-        ds[0]
-    assert "x.jpg" in str(info.value) and "x.png" in str(info.value)
+    label = np.zeros((20, 40), np.uint8)
+    label[:, 20:] = 1
+    Image.fromarray(label).save(labels / "x.png")
+    item = build_dataset("folder", images, label_dir=labels, n_classes=2)[0]
+    assert tuple(item["image"].shape) == (3, 20, 40)
+    assert np.array_equal(item["label"].numpy(), label)
+    stored = np.asarray(Image.open(images / "x.jpg").convert("RGB"))  # PIL: no EXIF applied
+    assert np.array_equal((item["image"] * 255).round().byte().permute(1, 2, 0).numpy(), stored)
+    upright = build_dataset("folder", images)[0]["image"]  # unlabelled: turned upright
+    assert tuple(upright.shape) == (3, 40, 20)
 
 
 # ----------------------------------------------------------------------------- folder dataset
