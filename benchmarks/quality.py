@@ -101,17 +101,16 @@ def val_dataset(root: str, resolution: int) -> Any:
 
 def train_cache(root: str, cache_dir: str, layer: int | None, resolution: int,
                 crop_type: str = "none", crop_dir: str | None = None) -> Any:
+    from stego.features.build import SplitSpec, feature_cache, neighbor_table, open_split
     from stego.models.backbone import build_backbone
-    from stego.train.pairs import feature_cache, neighbor_table, open_split
 
     backbone = build_backbone(BACKBONE, layer=layer)
-    ds = open_split("camvid", root, "train", resolution=resolution, interpolation="bilinear",
-                    crop_type=crop_type, crop_dir=crop_dir)
-    where = dict(name="camvid", split="train", crop_type=crop_type, resolution=resolution,
-                 data_root=root,
-                 cache_dir=cache_dir, device="cpu", batch_size=16, num_workers=0, progress=False)
-    cache = feature_cache(backbone, ds, True, **where)
-    neighbor_table(backbone, ds, 30, cache=cache, **where)
+    spec = SplitSpec("camvid", root, "train", resolution=resolution, crop_type=crop_type,
+                     interpolation="bilinear", crop_dir=crop_dir, cache_dir=cache_dir)
+    ds = open_split(spec)
+    run = dict(device="cpu", batch_size=16, num_workers=0, progress=False)
+    cache = feature_cache(backbone, ds, spec, True, **run)
+    neighbor_table(backbone, ds, spec, 30, cache=cache, **run)
     return cache
 
 
@@ -159,7 +158,7 @@ def raw_baseline(layer: int | None, seed: int, cache: Any, backbone: MemoBackbon
 def stego_run(name: str, seed: int, args: argparse.Namespace, backbones: dict, val: Any,
               crf: bool) -> dict[str, Any]:
     from stego.config import load_config
-    from stego.eval.protocol import load_for_eval
+    from stego.eval.loading import load_for_eval
     from stego.train.trainer import train
 
     overrides = [f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",

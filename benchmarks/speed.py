@@ -40,13 +40,13 @@ def peak_rss() -> int:
 def case_extract(args: argparse.Namespace) -> dict:
     import torch
 
+    from stego.features.build import SplitSpec, open_split
     from stego.models.backbone import build_backbone
-    from stego.train.pairs import open_split
 
     layer = None if args.layer == "last" else int(args.layer)
     backbone = build_backbone("dinov2-vits14-offline", layer=layer)
-    ds = open_split("camvid", args.data_root, "train", resolution=224, interpolation="bilinear",
-                    crop_type="none")
+    ds = open_split(SplitSpec("camvid", args.data_root, "train", resolution=224,
+                              interpolation="bilinear", crop_type="none"))
     images = torch.stack([ds[i]["image"] for i in range(args.n)])  # (n, 3, 224, 224)
     with torch.no_grad():
         backbone(images[:2])  # warm-up
@@ -62,8 +62,9 @@ def case_train(args: argparse.Namespace, cached: bool) -> dict:
 
     from stego.config import load_config
     from stego.models.backbone import build_backbone
+    from stego.train.datamodule import build_datamodule
+    from stego.train.module import build_module
     from stego.train.pairs import StepSampler
-    from stego.train.trainer import _data, build_module
 
     config = load_config("camvid", overrides=[
         f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",
@@ -71,7 +72,7 @@ def case_train(args: argparse.Namespace, cached: bool) -> dict:
         "train.accelerator=cpu", "data.val_images=0"])
     m = config.model
     backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
-    data, info = _data(config, backbone, False)
+    data, info = build_datamodule(config, backbone, False)
     module = build_module(config, backbone, info.n_classes)
     optimizer = module.configure_optimizers()
     sampler = StepSampler(data.train_indices, config.data.batch_size, config.train.seed)

@@ -38,8 +38,6 @@ OLD_TO_NEW: dict[str, str] = {
     "stego.prediction": "stego.infer.predict",
     "stego.crf": "stego.infer.crf",
     "stego.onnx_export": "stego.infer.onnx",
-    "stego.cause_losses": "stego.losses.cause",  # TEMP-ALIAS
-    "stego.cause_heads": "stego.models.cause_heads",  # TEMP-ALIAS
 }
 
 

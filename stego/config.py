@@ -72,7 +72,7 @@ class DataConfig:
 class ModelConfig:
     """Backbone, head and probes."""
 
-    backbone: str = "dino-vits8"  # the paper's small backbone; see `stego.models.backbone.BACKBONES`
+    backbone: str = "dino-vits8"  # the paper's small backbone; see `stego.models.registry`
     weights: str | None = None  # a local checkpoint instead of the registry's download
     layer: int | None = None  # None = last block, as the paper (counts from 1)
     head: Literal["nonlinear", "linear", "none"] = "nonlinear"  # paper default: linear + MLP

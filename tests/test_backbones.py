@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from stego.errors import StegoError
 from stego.models import backbone as bb
+from stego.models import weights as weight_sources
 from stego.models.backbone import (
     BACKBONES,
     Backbone,
@@ -21,6 +22,7 @@ from stego.models.backbone import (
     list_backbones,
     weights_digest,
 )
+from stego.models.registry import patch_size
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=32)
 
@@ -37,7 +39,7 @@ def test_every_registry_entry_reads_sizes_from_the_model(name: str) -> None:
         reference = _timm(BACKBONES[name])
         p = backbone.patch_size
         out = backbone(torch.rand(1, 3, 2 * p, 3 * p), with_keys=True)
-    assert p == reference.patch_embed.patch_size[0]
+    assert p == reference.patch_embed.patch_size[0] == patch_size(name)
     assert backbone.embed_dim == reference.embed_dim
     assert backbone.num_heads == reference.blocks[0].attn.num_heads
     assert backbone.num_blocks == len(reference.blocks) == backbone.layer
@@ -262,7 +264,7 @@ def test_offline_hub_name_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from huggingface_hub import constants
 
-    monkeypatch.setattr(bb, "_hub_offline", lambda: False)
+    monkeypatch.setattr(weight_sources, "_hub_offline", lambda: False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     start = time.perf_counter()
@@ -278,7 +280,8 @@ def test_cached_hub_weights_load_without_network(
     save_file(state, str(tmp_path / "model.safetensors"))
     spec = bb.BackboneSpec("vit_small_patch8_224", "dino", kwargs=TINY)
     monkeypatch.setitem(BACKBONES, "tiny-hub", spec)
-    monkeypatch.setattr(bb, "_cached_hub_file", lambda *_: str(tmp_path / "model.safetensors"))
+    cached = str(tmp_path / "model.safetensors")
+    monkeypatch.setattr(weight_sources, "_cached_hub_file", lambda *_: cached)
     backbone = build_backbone("tiny-hub")
     assert backbone.weights_digest == weights_digest(state)
 

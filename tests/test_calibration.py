@@ -204,3 +204,29 @@ def test_kmeans_probe_refits_the_centroids(data_root: Path, tmp_path: Path, caps
     centroids = load(run / "model").cluster_probe.clusters.detach()
     # k-means centroids are unit-norm; the gradient-trained probe's randn rows are not
     torch.testing.assert_close(centroids.norm(dim=1), torch.ones(len(centroids)))
+
+
+def test_calibrate_takes_batch_and_table_size_from_the_config(data_root: Path,
+                                                               tmp_path: Path) -> None:
+    """`stego calibrate` (calibrate_split) builds the train.knn_k table where training reads it
+    and samples data.batch_size images per batch: the same shifts as calibrate_shifts called
+    directly with those values, and other shifts with the batch it used to hard-code (16)."""
+    from stego.features.cache import FeatureCache
+    from stego.features.calibration import calibrate_split
+    from stego.features.neighbors import NeighborTable
+
+    config = load_config(overrides=[f"{k}={v}" for k, v in {
+        "data.dataset": "camvid", "data.data_root": str(data_root), "data.resolution": 32,
+        "data.batch_size": 4, "data.cache_dir": str(tmp_path / "cache"),
+        "model.backbone": "tiny-vit", "train.knn_k": 5, "train.num_neighbors": 3,
+        "loss.feature_samples": 5, "train.seed": 3}.items()])
+    cal, pseudo = calibrate_split(config, 4, n_batches=2, progress=False)
+    assert pseudo == 2
+    (table,) = (tmp_path / "cache").rglob("neighbors_k*.safetensors")
+    assert table.name == "neighbors_k5.safetensors"
+    cache = FeatureCache.open(table.parent / "features")
+    nbrs = NeighborTable.load(table).indices
+    assert nbrs.shape == (10, 5)
+    kw = dict(num_neighbors=3, n_samples=5, pointwise=True, n_batches=2, seed=3)
+    assert cal.shifts == calibrate_shifts(cache, nbrs, 2, batch_size=4, **kw).shifts
+    assert cal.shifts != calibrate_shifts(cache, nbrs, 2, batch_size=16, **kw).shifts

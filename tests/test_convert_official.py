@@ -260,7 +260,7 @@ def _agreement(model, state: dict, heads: int, side: int, n: int = 6) -> float:
     with torch.no_grad():
         ours = model(images).cluster_log_probs
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
-    return (model.labels(images) == expected.argmax(1)).double().mean().item()
+    return (model.predict(images) == expected.argmax(1)).double().mean().item()
 
 
 @pytest.fixture
@@ -347,8 +347,8 @@ def test_original_checkpoint_converts_and_predicts_its_ids(
 def test_released_configs(tmp_path: Path, dataset: str) -> None:
     """Potsdam (ViT-S/8, D 70), COCO-Stuff (ViT-B/8, D 90), Cityscapes (ViT-B/8, D 100, extra
     clusters); a tiny ViT stands in for the backbone, whose name comes from the config."""
-    from stego.models.convert_official import _backbone_name, load_official
     from stego.data import dataset_info
+    from stego.models.convert_official import _backbone_name, load_official
 
     ckpt = tmp_path / f"{dataset}.ckpt"
     state, values = write_original(ckpt, dataset)

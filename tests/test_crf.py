@@ -1,4 +1,5 @@
-"""stego.infer.crf: parity with the original dense_crf, batch execution that cannot hang, bad input."""
+"""stego.infer.crf: parity with the original dense_crf, batch execution that cannot hang, bad
+input."""
 
 from __future__ import annotations
 

@@ -13,14 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stego.errors import StegoError
-from stego.eval.protocol import (
-    evaluate,
-    format_table,
-    images_to_uint8,
-    load_examples,
-    load_for_eval,
-    write_outputs,
-)
+from stego.eval.loading import load_for_eval
+from stego.eval.outputs import format_table, load_examples, write_outputs
+from stego.eval.protocol import evaluate, images_to_uint8
 from stego.models.heads import SegmentationHead
 from stego.models.probes import ClusterProbe, LinearProbe
 from stego.models.segmenter import Segmenter, SegmenterMeta
@@ -159,30 +154,93 @@ def test_evaluate_with_crf(workers: int, crf_image: str) -> None:
         assert scores.accuracy > 90.0  # the CRF keeps clean colour blocks intact
 
 
-def test_tiny_vit_model_outputs(tmp_path: Path) -> None:
+def _scores_by_hand(pred: np.ndarray, label: np.ndarray, n: int, hungarian: bool) -> dict:
+    """The protocol's numbers from scratch (reference section 9): one confusion matrix over all
+    valid pixels (rows = prediction, cols = class), scipy's Hungarian matching (or the identity),
+    accuracy and per-class IoU x100 (None where a class has no pixel at all), mIoU over the rest."""
+    from scipy.optimize import linear_sum_assignment
+
+    valid = (label >= 0) & (label < n)
+    conf = np.zeros((n, n), dtype=np.int64)
+    np.add.at(conf, (pred[valid], label[valid]), 1)
+    rows, cols = linear_sum_assignment(conf, maximize=True) if hungarian else (range(n),) * 2
+    assignment = np.empty(n, dtype=np.int64)
+    assignment[list(rows)] = list(cols)
+    matched = np.zeros((n, n), dtype=np.int64)  # (class, class) after matching
+    np.add.at(matched, assignment, conf)
+    tp = np.diag(matched).astype(np.float64)
+    union = matched.sum(0) + matched.sum(1) - tp  # tp + fn + fp
+    iou = [None if u == 0 else 100.0 * t / u for t, u in zip(tp, union, strict=True)]
+    return {
+        "accuracy": 100.0 * tp.sum() / valid.sum(),
+        "miou": float(np.mean([v for v in iou if v is not None])),
+        "iou": iou,
+        "assignment": assignment.tolist(),
+        "confusion": conf.tolist(),
+    }
+
+
+@pytest.mark.parametrize(
+    "crf", [False, pytest.param(True, marks=pytest.mark.skipif(not HAS_CRF, reason="no CRF"))]
+)
+def test_tiny_vit_model_outputs(tmp_path: Path, crf: bool) -> None:
+    """metrics.json and examples.npz of a random tiny-ViT model equal an independent
+    computation: the model's own forward pass (+ the dense CRF, applied here image by image),
+    a numpy confusion matrix and scipy's Hungarian matching."""
     backbones = pytest.importorskip("stego.models.backbone")
     torch.manual_seed(0)
     backbone = backbones.build_backbone("tiny-vit", pretrained=False)
     head = SegmentationHead(backbone.embed_dim, 8)
+    # alpha 10 (not 2): sharper cluster probabilities, so that the CRF keeps all three clusters
+    # of this random model instead of flooding the images with one
     meta = SegmenterMeta(backbone="tiny-vit", backbone_layer=None, head_kind="nonlinear",
-                         code_dim=8, n_clusters=3, n_classes=3)
+                         code_dim=8, n_clusters=3, n_classes=3, alpha=10.0)
     model = Segmenter(backbone, head, ClusterProbe(8, 3), LinearProbe(8, 3), meta).eval()
     data = block_dataset(3, size=(32, 32))
     result = evaluate(model, data, n_classes=3, class_names=NAMES, progress=False,
-                      crf=HAS_CRF, crf_workers=1)
+                      crf=crf, crf_workers=1)
     path = write_outputs(result, tmp_path, PALETTE, split="val", checkpoint="mem", config=None)
     metrics = json.loads(path.read_text())
+
+    images = torch.stack([it["image"] for it in data])  # (3, 3, 32, 32)
+    labels = np.stack([it["label"].numpy() for it in data])  # (3, 32, 32)
+    pictures = np.floor(images.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    with torch.no_grad():
+        out = model(images, flip=True, size=(32, 32))
+    preds = {}
+    for probe, log_probs in (("cluster", out.cluster_log_probs), ("linear", out.linear_log_probs)):
+        if crf:
+            from stego.infer.crf import dense_crf
+
+            preds[probe] = np.stack([dense_crf(pic, lp.exp().numpy()).argmax(0)
+                                     for pic, lp in zip(pictures, log_probs, strict=True)])
+        else:
+            preds[probe] = log_probs.argmax(1).numpy()  # (3, 32, 32)
+    assert len(np.unique(preds["cluster"])) == 3  # every cluster used: no tie in the matching
+
     for probe in ("cluster", "linear"):
-        assert set(metrics[probe]) >= {"accuracy", "miou", "iou"}
-        assert 0.0 <= metrics[probe]["accuracy"] <= 100.0
-        assert 0.0 <= metrics[probe]["miou"] <= 100.0
-        assert set(metrics[probe]["iou"]) == set(NAMES)
-        assert all(v is None or 0.0 <= v <= 100.0 for v in metrics[probe]["iou"].values())
-    assert metrics["crf"] == HAS_CRF and metrics["split"] == "val" and metrics["n_images"] == 3
-    for name in ("confusion.png", "examples.png", "iou.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+        want = _scores_by_hand(preds[probe], labels, 3, hungarian=probe == "cluster")
+        got = metrics[probe]
+        assert got["confusion"] == want["confusion"] and got["assignment"] == want["assignment"]
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-3)
+        assert got["miou"] == pytest.approx(want["miou"], abs=1e-3)
+        assert list(got["iou"]) == NAMES
+        for name, value in zip(NAMES, want["iou"], strict=True):
+            assert got["iou"][name] == (None if value is None else pytest.approx(value, abs=1e-3))
+        assert got["n_pixels"] == int((labels >= 0).sum())
+    assert metrics["crf"] == crf and metrics["split"] == "val" and metrics["n_images"] == 3
+
+    # the figures' data: image bytes, labels, cluster ids mapped to their matched classes
+    assignment = np.array(metrics["cluster"]["assignment"])
     back = load_examples(tmp_path / "examples.npz")
-    assert len(back) == 3 and back[0].linear is not None
+    assert [e.name for e in back] == ["img0.png", "img1.png", "img2.png"]
+    for i, example in enumerate(back):
+        np.testing.assert_array_equal(example.image, pictures[i])
+        np.testing.assert_array_equal(example.label, labels[i])
+        np.testing.assert_array_equal(example.cluster, assignment[preds["cluster"][i]])
+        np.testing.assert_array_equal(example.linear, preds["linear"][i])
+    for name in ("confusion.png", "examples.png", "iou.png"):  # matplotlib renders: size only
+        assert (tmp_path / name).stat().st_size > 1000
     assert "mIoU" in format_table(result)
 
 

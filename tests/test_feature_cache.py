@@ -233,3 +233,85 @@ def test_fingerprint_matches_the_neighbour_table(tmp_path):
         data_root="/data",
     )
     assert cache.fingerprint == fp
+
+
+# --------------------------------------------------------------------------- image interpolation
+def test_caches_without_the_interpolation_key_read_as_bilinear(tmp_path):
+    """Caches and tables written before the fingerprint recorded the interpolation were all
+    bilinear: they still open for a bilinear run, without a rebuild, and refuse a nearest one."""
+    from stego.features.fingerprint import artifact_dir
+
+    ds = TinyDataset()
+    root = tmp_path / "c"
+    build(root, dataset=ds)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["fingerprint"]["interpolation"]  # as such a cache's manifest reads
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    fp = backbone_fingerprint(StubBackbone(), dataset="tiny", split="train", crop_type="none",
+                              resolution=16, paths=item_paths(ds), data_root="/data")
+    assert fp["interpolation"] == "bilinear"
+    FeatureCache.open(root, fp)
+    stamps = {p.name: p.stat().st_mtime_ns for p in root.glob("*.npy")}
+    build(root, dataset=ds)  # the same build again: no shard is written anew
+    assert {p.name: p.stat().st_mtime_ns for p in root.glob("*.npy")} == stamps
+    nearest = {**fp, "interpolation": "nearest"}
+    with pytest.raises(StegoError, match="interpolation: expected 'nearest', found 'bilinear'"):
+        FeatureCache.open(root, nearest)
+    old_fp = {k: v for k, v in fp.items() if k != "interpolation"}
+    NeighborTable(torch.zeros(30, 2, dtype=torch.int64), old_fp).save(tmp_path / "t.safetensors")
+    NeighborTable.load(tmp_path / "t.safetensors", fp)
+    with pytest.raises(StegoError, match="interpolation"):
+        NeighborTable.load(tmp_path / "t.safetensors", nearest)
+    # bilinear artefacts keep their folder; nearest ones get their own beside it
+    assert artifact_dir("/data", old_fp) == artifact_dir("/data", fp)
+    assert artifact_dir("/data", nearest) == artifact_dir("/data", fp).parent.parent / (
+        artifact_dir("/data", fp).parent.name + "_nearest") / artifact_dir("/data", fp).name
+
+
+def test_nearest_run_does_not_reuse_a_bilinear_cache(tmp_path):
+    """The split's artefacts as training and the commands open them (stego.features.build):
+    after a bilinear build, a nearest run builds its own cache and table, holding the features
+    of the nearest-resized images."""
+    from PIL import Image
+
+    from stego.features.build import (
+        SplitSpec,
+        feature_cache,
+        neighbor_table,
+        open_split,
+        split_fingerprint,
+    )
+    from stego.models.backbone import build_backbone
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):  # 48x40 noise: the two resizes to 32 differ everywhere
+        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "imgs" / f"{i}.png")
+    backbone = build_backbone("tiny-vit")
+    run = {"device": "cpu", "batch_size": 4, "num_workers": 0, "progress": False}
+    specs = {
+        how: SplitSpec("folder", tmp_path / "imgs", "all", resolution=32, interpolation=how,
+                       cache_dir=tmp_path / "cache")
+        for how in ("bilinear", "nearest")
+    }
+    data = {how: open_split(spec) for how, spec in specs.items()}
+    caches = {how: feature_cache(backbone, data[how], specs[how], True, **run) for how in specs}
+    assert caches["nearest"].root != caches["bilinear"].root
+    assert caches["nearest"].root.parent.parent.name == "all_none_32_nearest"
+    assert caches["bilinear"].root.parent.parent.name == "all_none_32"
+    assert caches["nearest"].fingerprint["interpolation"] == "nearest"
+    with torch.no_grad():
+        images = torch.stack([data["nearest"][i]["image"] for i in range(6)])
+        direct = backbone(images).feat  # (6, C, h, w) of the nearest-resized images
+    rows = {how: torch.stack([c[i] for i in range(6)]) for how, c in caches.items()}
+    assert torch.allclose(rows["nearest"], direct, atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(rows["bilinear"], direct, atol=2e-2, rtol=1e-2)
+    for how in specs:
+        neighbor_table(backbone, data[how], specs[how], 3, cache=caches[how], **run)
+    tables = sorted((tmp_path / "cache").rglob("neighbors_k3.safetensors"))
+    assert [NeighborTable.load(t).fingerprint["interpolation"] for t in tables] == [
+        "bilinear", "nearest"]
+    with pytest.raises(StegoError, match="interpolation"):  # never read under the other name
+        FeatureCache.open(caches["bilinear"].root,
+                          split_fingerprint(backbone, data["nearest"], specs["nearest"]))

@@ -1,4 +1,5 @@
-"""Tests of stego.models.heads against the original head (parity/heads.npz) and of its dropout rules.
+"""Tests of stego.models.heads against the original head (parity/heads.npz) and of its dropout
+rules.
 
 Tolerance: rtol=1e-5, atol=2e-6 on codes of magnitude up to 3 (384-channel 1x1 convs in float32;
 observed max abs diff 1.1e-6).

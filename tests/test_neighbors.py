@@ -1,4 +1,5 @@
-"""Tests of stego.features.neighbors: exact top-k, chunking, faiss, groups, memory, tables, positives."""
+"""Tests of stego.features.neighbors: exact top-k, chunking, faiss, groups, memory, tables,
+positives."""
 
 from __future__ import annotations
 
@@ -352,9 +353,6 @@ def test_mixed_image_sizes_are_refused():
         global_features(StubBackbone(), TinyDataset(8, odd=6), batch_size=3, progress=False)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("stego.models.backbone") is None, reason="stego.models.backbone not built yet"
-)
 def test_with_tiny_vit():
     from stego.models.backbone import build_backbone
 
@@ -406,3 +404,39 @@ def test_knn_command_reuses_the_feature_cache(tmp_path) -> None:
     b = load_file(str(tmp_path / "b.safetensors"))["indices"]
     assert not (a == b).all()
     assert ((5 - b.flip(0)) == a).all()  # the same table on reversed items
+
+
+def test_features_and_knn_take_the_interpolation_of_the_preset(tmp_path, capsys) -> None:
+    """`--interpolation` defaults to the --preset's (potsdam3: nearest, as the original) and
+    else to bilinear; each gets its own artefacts, and knn refuses a cache of the other."""
+    import numpy as np
+    from PIL import Image
+
+    from stego.cli import main
+    from stego.features.cache import FeatureCache
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    common = ["--dataset", "folder", "--data-root", str(images), "--split", "all", "--backbone",
+              "tiny-vit", "--resolution", "32", "--cache-dir", str(tmp_path / "c"),
+              "--num-workers", "0", "--quiet"]  # fmt: skip
+    assert main(["features", *common]) == 0
+    assert main(["features", *common, "--preset", "potsdam3"]) == 0
+    assert main(["knn", *common, "--preset", "potsdam3", "--k", "3"]) == 0
+    split = tmp_path / "c" / "folder"
+    assert sorted(p.name for p in split.iterdir()) == ["all_none_32", "all_none_32_nearest"]
+    (nearest,) = (split / "all_none_32_nearest").iterdir()
+    cache = FeatureCache.open(nearest / "features")
+    assert cache.fingerprint["interpolation"] == "nearest"
+    table = NeighborTable.load(nearest / "neighbors_k3.safetensors", cache.fingerprint)
+    assert torch.equal(table.indices, topk_cosine(cache.global_features(), 3))
+    assert not list((split / "all_none_32").glob("neighbors_*"))
+    capsys.readouterr()
+    # an explicit flag wins over the preset; a cache of the other interpolation is refused
+    code = main(["knn", *common, "--preset", "potsdam3", "--interpolation", "bilinear",
+                 "--features", str(nearest / "features"), "--k", "3"])  # fmt: skip
+    assert code == 2
+    assert "interpolation: expected 'bilinear', found 'nearest'" in capsys.readouterr().err

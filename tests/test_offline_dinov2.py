@@ -47,7 +47,10 @@ def test_conversion_fits_timm_strictly(cache: Path) -> None:
 
 def test_matches_onnxruntime(cache: Path) -> None:
     # 224 px resizes the 37x37 position grid to 16x16, which also checks the interpolation
-    assert od.verify_against_onnxruntime(n_images=1, size=224) < 1e-3
+    from stego.models.backbone import build_backbone
+
+    backbone = build_backbone("dinov2-vits14-offline")
+    assert od.verify_against_onnxruntime(backbone, n_images=1, size=224) < 1e-3
 
 
 def test_second_load_hits_the_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,21 +121,51 @@ def test_rerun_skips_done(images: Path, tmp_path: Path) -> None:
     assert [p.name for p in second.written] == ["rgba.png"] and len(second.existing) == 2
 
 
+def _log_probs_downscaled(model, rgb: np.ndarray, max_side: int) -> torch.Tensor:
+    """Cluster log-probs (K, H, W) at the image's own size for an (H, W, 3) uint8 image whose
+    shorter side exceeds ``max_side``: the network sees it with its shorter side at ``max_side``
+    (aspect kept, each side rounded; bilinear antialiased resize, as predict_paths documents and
+    does), and the prediction is upsampled back to (H, W), flip averaging on."""
+    import torch.nn.functional as F
+
+    height, width = rgb.shape[:2]
+    scale = max_side / min(height, width)
+    assert scale < 1  # this helper is only for images the rule shrinks
+    small = (round(height * scale), round(width * scale))
+    images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
+    net_in = F.interpolate(images, size=small, mode="bilinear", align_corners=False,
+                           antialias=True)  # fmt: skip
+    with torch.no_grad():
+        return model(net_in, flip=True, size=(height, width)).cluster_log_probs[0]
+
+
 def test_workers_crf_and_downscale(images: Path, tmp_path: Path) -> None:
+    """max_side=16 shrinks both images for the network. Without CRF the labels are the argmax of
+    the prediction made by the downscale rule; with CRF they are stego.infer.crf.dense_crf of the
+    full-size image and those probabilities. Both differ from a full-size prediction."""
     pytest.importorskip("pydensecrf")
-    out = tmp_path / "out"
-    summary = predict_paths(
-        tiny_segmenter(),
-        [images / "sub"],
-        out,
-        crf=True,
-        crf_workers=1,
-        num_workers=1,
-        max_side=16,
-        progress=False,
-    )
+    from stego.infer.crf import dense_crf
+    from stego.infer.predict import read_image_rgb
+
+    model = tiny_segmenter()
+    kw = dict(crf_workers=1, num_workers=1, max_side=16, progress=False)
+    summary = predict_paths(model, [images / "sub"], tmp_path / "crf", crf=True, **kw)
     assert len(summary.written) == 2
-    assert np.array(Image.open(out / "labels/deep.png")).shape == (30, 45)
+    plain = predict_paths(model, [images / "sub"], tmp_path / "plain", crf=False, **kw)
+    assert len(plain.written) == 2
+    for name, size in (("deep.png", (30, 45)), ("rgba.png", (41, 29))):
+        rgb = read_image_rgb(images / "sub" / name)  # (H, W, 3) uint8, alpha dropped
+        assert rgb.shape[:2] == size
+        log_probs = _log_probs_downscaled(model, rgb, 16)  # (K, H, W)
+        argmax = log_probs.argmax(0).numpy()
+        refined = dense_crf(rgb, log_probs.exp().numpy()).argmax(0)  # (H, W)
+        got_plain = np.array(Image.open(tmp_path / "plain" / "labels" / name))
+        got_crf = np.array(Image.open(tmp_path / "crf" / "labels" / name))
+        np.testing.assert_array_equal(got_plain, argmax, err_msg=name)
+        np.testing.assert_array_equal(got_crf, refined, err_msg=name)
+        assert (refined != argmax).any(), name  # the CRF changed something: not a no-op
+        full = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+        assert (model.predict(full)[0].numpy() != argmax).any(), name  # downscaling happened
 
 
 def test_output_inside_input_is_ignored_and_collisions_refused(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Tests of stego.models.probes against the original ClusterLookup (parity/cluster_probe.npz) and of the
-k-means helpers and the linear probe.
+"""Tests of stego.models.probes against the original ClusterLookup (parity/cluster_probe.npz) and
+of the k-means helpers and the linear probe.
 
 Tolerances: rtol=1e-5, atol=1e-6 (gradients atol=1e-7); one-hot probabilities and argmax exact.
 """

@@ -10,7 +10,8 @@ import pytest
 from test_evaluation import NAMES, PALETTE, block_dataset, colour_model
 
 from stego.errors import StegoError
-from stego.eval.protocol import evaluate, write_outputs
+from stego.eval.outputs import write_outputs
+from stego.eval.protocol import evaluate
 from stego.eval.report import find_eval_dir, write_report
 
 

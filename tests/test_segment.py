@@ -65,10 +65,29 @@ def test_segment_rerun_reuses_everything(segmented: tuple[Path, Path, dict]) -> 
     assert (out / "model" / "model.safetensors").read_bytes() == before  # deterministic
 
 
+def _own_prediction(model, source: Path) -> np.ndarray:
+    """Cluster ids (H, W) of ``model`` for one image as `stego segment` / `stego predict` make
+    them by default: full size (below --max-side), flip averaging on, no CRF; computed here from
+    the full forward pass (argmax of the cluster log-probs), not the library's shortcut."""
+    import torch
+
+    rgb = np.array(Image.open(source).convert("RGB"))  # (H, W, 3) uint8
+    images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
+    with torch.no_grad():
+        log_probs = model(images, flip=True).cluster_log_probs  # (1, K, H, W)
+    return log_probs[0].argmax(0).numpy()
+
+
 def test_segmented_model_loads_for_predict(
     segmented: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
-    images, out, _ = segmented
+    """The labels `stego segment` wrote, and those `stego predict` writes with the saved model,
+    both equal the saved model's own prediction of each image (CRF is off by default, so the
+    argmax is exact: no pixel may differ)."""
+    import stego
+
+    images, out, summary = segmented
+    assert summary["settings"]["crf"] is False
     code = main(
         [
             "predict",
@@ -82,6 +101,17 @@ def test_segmented_model_loads_for_predict(
     )
     assert code == 0
     assert len(list((tmp_path / "pred" / "labels").rglob("*.png"))) == 4
+    model = stego.load(out / "model")
+    sources = sorted(p for p in images.rglob("*") if p.is_file())
+    seen = set()
+    for source in sources:
+        rel = source.relative_to(images).with_suffix(".png")
+        want = _own_prediction(model, source)
+        seen |= set(np.unique(want).tolist())
+        for written in (out / "labels" / rel, tmp_path / "pred" / "labels" / rel):
+            got = np.asarray(Image.open(written))
+            np.testing.assert_array_equal(got, want, err_msg=str(written))
+    assert seen == {0, 1}  # both clusters occur: the comparison is not against a constant map
 
 
 def test_segment_refuses_bad_requests(tmp_path: Path) -> None:

@@ -78,8 +78,8 @@ def test_extras_and_device_match_the_installation() -> None:
 def test_cli_prints_every_backbone_and_extra(
     hub_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stego.models.backbone import list_backbones
     from stego.cli import main
+    from stego.models.backbone import list_backbones
 
     fake_hub_cache(hub_cache, "timm/vit_small_patch8_224.dino")
     assert main(["selfcheck"]) == 0  # dino-vits8 is usable

@@ -158,3 +158,27 @@ def test_resume_keeps_the_interrupted_runs_csv_log(
     assert steps("metrics-part1.csv") == [0, 1, 2] and steps("metrics.csv") == [3, 4]
     text = "".join(capfd.readouterr())
     assert "exists and is not empty" not in text and "Warning" not in text
+
+
+def test_training_keeps_nearest_and_bilinear_artefacts_apart(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """Training's fingerprint holds data.interpolation: a nearest run (the paper presets) finds
+    neither the cache nor the table of a bilinear run, and builds its own."""
+    from stego.config import load_config
+    from stego.models.backbone import build_backbone
+    from stego.train.datamodule import build_datamodule
+
+    roots = {}
+    for how in ("bilinear", "nearest"):
+        sets = train_args(data_root, tmp_path / "unused", f"--set=data.interpolation={how}")
+        overrides = [a.removeprefix("--set=") for a in sets if a.startswith("--set=")]
+        config = load_config(overrides=[*overrides, f"data.data_root={data_root}",
+                                        f"data.cache_dir={tmp_path / 'cache'}"])
+        data, _ = build_datamodule(config, build_backbone("tiny-vit"), progress=False)
+        cache = data.train_pairs.cached.cache
+        assert cache.fingerprint["interpolation"] == how
+        roots[how] = cache.root.parent
+    assert roots["nearest"] != roots["bilinear"]
+    for root in roots.values():
+        assert (root / "neighbors_k5.safetensors").is_file()

@@ -19,11 +19,12 @@ import torch
 from test_training import data_root, tiny_config  # noqa: F401 - data_root is a fixture
 
 import stego
-from stego.eval.protocol import load_for_eval
+from stego.eval.loading import load_for_eval
 from stego.train.trainer import train
 
 PACKAGE = Path(stego.__file__).resolve().parent
-RESTRICTED = PACKAGE / "safe_pickle.py"  # the one place allowed to unpickle, with its allow-list
+# the one place allowed to unpickle, with its allow-list
+RESTRICTED = PACKAGE / "models" / "safe_pickle.py"
 TORCH_LOADS = {"torch.load", "torch.serialization.load", "load_state_dict_from_url",
                "torch.hub.load_state_dict_from_url", "load_from_checkpoint"}  # fmt: skip
 LIGHTNING_RESTORES = {"fit", "validate", "test", "predict"}  # with ckpt_path=...
@@ -123,7 +124,8 @@ def torch_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, str]]:
         callers = [f for f in traceback.extract_stack()[:-1]
                    if Path(f.filename).resolve().is_relative_to(PACKAGE)]  # fmt: skip
         if callers and Path(callers[-1].filename).resolve() != RESTRICTED:
-            where = f"{Path(callers[-1].filename).name}:{callers[-1].lineno}"
+            module = Path(callers[-1].filename).resolve().relative_to(PACKAGE).as_posix()
+            where = f"{module}:{callers[-1].lineno}"  # e.g. "train/trainer.py:171"
             calls.append((kwargs.get("weights_only"), where))
         return real(*args, **kwargs)
 
@@ -142,7 +144,7 @@ def test_train_resume_and_eval_load_weights_only(
     load_for_eval(run / "checkpoints" / "last.ckpt")
     load_for_eval(run)
     where = [w for _, w in torch_loads]
-    assert any(w.startswith("training.py") for w in where), where  # the resume was seen
-    assert any(w.startswith("evaluation.py") for w in where), where
+    assert any(w.startswith("train/") for w in where), where  # the resume was seen
+    assert any(w.startswith("eval/loading.py") for w in where), where
     unsafe = [(flag, w) for flag, w in torch_loads if flag is not True]
     assert not unsafe, f"torch.load without weights_only=True from: {unsafe}"

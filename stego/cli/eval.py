@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stego.errors import StegoError
     from stego.eval.protocol import evaluate_checkpoint
+    from stego.eval.report import write_report
 
     for flag, value in (("--resolution", args.resolution), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -80,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         rule=args.metric_rule,
-        report=args.report,
         progress=args.progress,
         n_figure_images=args.examples,
     )
+    if args.report:
+        print(f"report: {write_report(args.out)}")
     return 0

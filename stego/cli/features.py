@@ -1,8 +1,10 @@
 """``stego features``: cache frozen backbone features of a training split (one backbone pass).
 
 Writes ``<data-root>/stego-cache/<dataset>/<split>_<crop>_<res>/<backbone>_layer<L>_<digest8>/
-features/`` by default (see :mod:`stego.features.cache` for the files). Interrupted runs resume.
-The same pass stores the global features, so ``stego knn --features DIR`` needs no backbone.
+features/`` by default (``<split>_<crop>_<res>_nearest/`` with ``--interpolation nearest``),
+where ``stego train`` looks for it (see :mod:`stego.features.cache` for the files).
+Interrupted runs resume. The same pass stores the global features, so
+``stego knn --features DIR`` needs no backbone.
 """
 
 from __future__ import annotations
@@ -12,13 +14,37 @@ import os
 from pathlib import Path
 from typing import Any
 
+# (flag dest, config key) of the flags that say which split the artefacts are computed from.
+SPLIT_SHORTCUTS = (
+    ("dataset", "data.dataset"),
+    ("data_root", "data.data_root"),
+    ("cache_dir", "data.cache_dir"),
+    ("crop_dir", "data.crop_dir"),
+    ("split", "data.split"),
+    ("resolution", "data.resolution"),
+    ("crop_type", "data.crop_type"),
+    ("interpolation", "data.interpolation"),
+    ("backbone", "model.backbone"),
+    ("weights", "model.weights"),
+    ("layer", "model.layer"),
+)
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``stego features`` and ``stego knn``."""
+
+def add_split_arguments(parser: argparse.ArgumentParser, *, what: str = "caches") -> None:
+    """Flags naming the split and backbone (``stego features``, ``knn``, ``calibrate``): each a
+    shortcut of a config key, whose default comes from ``--preset`` or the package config."""
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="take the dataset, backbone, layer, resolution, crop type and interpolation of "
+        "this `stego train` preset (e.g. cocostuff27), so the artefacts are the ones that "
+        "training reads; explicit flags win",
+    )
     parser.add_argument(
         "--dataset",
-        required=True,
-        help="dataset name (e.g. cocostuff27, cityscapes, potsdam, camvid, or a folder dataset)",
+        default=None,
+        help="dataset name (e.g. cocostuff27, cityscapes, potsdam, camvid, or a folder dataset); "
+        "required unless --preset gives it",
     )
     parser.add_argument(
         "--data-root",
@@ -36,18 +62,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="where caches and neighbour tables go instead of <data-root>/stego-cache (use it "
-        "when the data root is read-only; pass the same value to `stego train --set "
-        "data.cache_dir=...`)",
+        help=f"where {what} go instead of <data-root>/stego-cache (use it when the data root "
+        "is read-only; pass the same value to `stego train --set data.cache_dir=...`)",
     )
     parser.add_argument(
         "--split",
-        default="train",
+        default=None,
         help="split to process (default: train; neighbours and caches are per split)",
     )
     parser.add_argument(
         "--backbone",
-        default="dino-vits8",
+        default=None,
         help="backbone registry name, e.g. dino-vits8, dinov2-vitb14 (default: dino-vits8)",
     )
     parser.add_argument(
@@ -64,17 +89,29 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resolution",
         type=int,
-        default=224,
+        default=None,
         help="training crop size in pixels: resize shorter side, centre crop (default: 224, "
         "the paper's setting; must be a multiple of the patch size)",
     )
     parser.add_argument(
         "--crop-type",
         choices=("none", "five"),
-        default="none",
+        default=None,
         help="'five' reads the five-crops written by `stego crop` (COCO-Stuff, Cityscapes); "
         "'none' the full images (default: none)",
     )
+    parser.add_argument(
+        "--interpolation",
+        choices=("bilinear", "nearest"),
+        default=None,
+        help="image resize: use what you train with (data.interpolation; the paper presets "
+        "use nearest, as the original). Default: the --preset's, else bilinear",
+    )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``stego features`` and ``stego knn``."""
+    add_split_arguments(parser, what="caches and neighbour tables")
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -97,42 +134,33 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def resolve_device(name: str | None) -> str:
-    import torch
+def split_config(args: argparse.Namespace, extra: tuple[tuple[str, str], ...] = ()) -> Any:
+    """The :class:`stego.config.StegoConfig` of the command line: package defaults <- --preset
+    <- ``--set`` (when the command has it) <- the shortcut flags (``SPLIT_SHORTCUTS + extra``)."""
+    from stego.cli.train import overrides_from_args
+    from stego.config import load_config
+    from stego.errors import StegoError
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def build_dataset_from_args(args: argparse.Namespace) -> Any:
-    """The dataset of the command line, with the training transform (centre crop)."""
-    from stego.data import PairTransform, build_dataset
-
-    return build_dataset(
-        args.dataset,
-        args.data_root,
-        args.split,
-        transform=PairTransform(args.resolution, crop="center"),
-        crop_type=None if args.crop_type == "none" else args.crop_type,
-        crop_dir=args.crop_dir,
-    )
+    if args.dataset is None and args.preset is None:
+        raise StegoError("say which dataset: pass --dataset NAME (or --preset NAME)")
+    return load_config(args.preset, None, overrides_from_args(args, SPLIT_SHORTCUTS + extra))
 
 
-def build_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Backbone and dataset of the command line (imported lazily: heavy modules)."""
+def load_backbone(config: Any) -> Any:
+    """The config's backbone, refusing a resolution that is not a multiple of its patch."""
+    from stego.errors import StegoError
     from stego.models.backbone import build_backbone
 
-    backbone = build_backbone(args.backbone, weights=args.weights, layer=args.layer)
-    patch = int(getattr(backbone, "patch_size", 1))
-    if args.resolution % patch:
-        from stego.errors import StegoError
-
-        fix = args.resolution - args.resolution % patch
+    m, resolution = config.model, config.data.resolution
+    backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
+    patch = int(backbone.patch_size)
+    if resolution % patch:
+        fix = resolution - resolution % patch
         raise StegoError(
-            f"--resolution {args.resolution} is not a multiple of the patch size {patch} "
-            f"of {args.backbone}; use --resolution {fix} or {fix + patch}"
+            f"--resolution {resolution} is not a multiple of the patch size {patch} "
+            f"of {m.backbone}; use --resolution {fix} or {fix + patch}"
         )
-    dataset = build_dataset_from_args(args)
-    return backbone, dataset
+    return backbone
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -148,7 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="cache folder (default: <data-root>/stego-cache/<dataset>/<split>_<crop>_<res>/"
-        "<backbone>_layer<L>_<digest8>/features)",
+        "<backbone>_layer<L>_<digest8>/features, where `stego train` looks)",
     )
     parser.add_argument(
         "--shard-size",
@@ -170,31 +198,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from stego.features.cache import FeatureCache
-    from stego.features.fingerprint import artifact_dir
+    from stego.device import resolve_device
+    from stego.features.build import SplitSpec, build_feature_cache, open_split
 
-    backbone, dataset = build_inputs(args)
-    out = args.out
-    if out is None:
-        probe = {
-            "dataset": args.dataset,
-            "split": args.split,
-            "crop_type": args.crop_type,
-            "resolution": args.resolution,
-            "backbone": getattr(backbone, "name", args.backbone),
-            "layer": getattr(backbone, "layer", args.layer),
-            "weights_digest": getattr(backbone, "weights_digest", "unknown"),
-        }
-        out = artifact_dir(args.data_root, probe, args.cache_dir) / "features"
-    cache = FeatureCache.build(
+    config = split_config(args)
+    spec = SplitSpec.from_config(config)
+    backbone = load_backbone(config)
+    cache = build_feature_cache(
         backbone,
-        dataset,
-        out,
-        dataset_name=args.dataset,
-        split=args.split,
-        crop_type=args.crop_type,
-        resolution=args.resolution,
-        data_root=args.data_root,
+        open_split(spec),
+        spec,
+        out=args.out,
         dtype=torch.float32 if args.float32 else torch.float16,
         batch_size=args.batch_size,
         device=resolve_device(args.device),
@@ -203,5 +217,5 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         with_keys=args.with_keys,
     )
-    print(f"feature cache ready: {out} ({len(cache)} items, features {cache.feat_shape})")
+    print(f"feature cache ready: {cache.root} ({len(cache)} items, features {cache.feat_shape})")
     return 0

@@ -1,24 +1,20 @@
 """``stego knn``: nearest-neighbour table of a training split (STEGO's knn positives).
 
 Writes ``<data-root>/stego-cache/<dataset>/<split>_<crop>_<res>/<backbone>_layer<L>_<digest8>/
-neighbors_k<k>.safetensors`` by default: indices (N, k), rank 0 = the item itself, plus a
-fingerprint (backbone, weights, layer, dataset, split, crop, resolution, ordered item list) that
-training checks. Tables of the original code (``<data-root>/nns/nns_*.npz``) can be read by
-``stego.features.neighbors.NeighborTable.load``; they carry only their length as a check.
+neighbors_k<k>.safetensors`` by default (``<split>_<crop>_<res>_nearest/`` with
+``--interpolation nearest``), where ``stego train`` looks for it: indices (N, k), rank 0 = the
+item itself, plus a fingerprint (backbone, weights, layer, dataset, split, crop, resolution,
+interpolation, ordered item list) that training checks. Tables of the original code
+(``<data-root>/nns/nns_*.npz``) can be read by ``stego.features.neighbors.NeighborTable.load``;
+they carry only their length as a check.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from stego.cli.features import (
-    add_common_arguments,
-    build_dataset_from_args,
-    build_inputs,
-    resolve_device,
-)
+from stego.cli.features import add_common_arguments, load_backbone, split_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,9 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--k",
         type=int,
-        default=30,
-        help="neighbours kept per item, the item itself included (default: 30, as the "
-        "paper; training draws from ranks 1..num_neighbors)",
+        default=None,
+        help="neighbours kept per item, the item itself included (default: train.knn_k of "
+        "the --preset or config, 30 as the paper; training draws from ranks "
+        "1..num_neighbors and reads the table of its train.knn_k)",
     )
     parser.add_argument(
         "--backend",
@@ -73,94 +70,51 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from stego.device import resolve_device
+    from stego.features.build import (
+        SplitSpec,
+        build_neighbor_table,
+        cached_global_features,
+        open_split,
+        sibling_groups,
+        split_global_features,
+        table_path,
+    )
 
-    from stego.errors import StegoError
-    from stego.features.fingerprint import artifact_dir, backbone_fingerprint, item_paths
-    from stego.features.neighbors import NeighborTable, collect_global_features, topk_cosine
-
+    config = split_config(args)
+    spec = SplitSpec.from_config(config)
     device = resolve_device(args.device)
+    k = args.k or config.train.knn_k
     dataset = None
-    if args.features is not None:
-        from stego.features.cache import FeatureCache
-
-        cache = FeatureCache.open(args.features)
-        fp = dict(cache.fingerprint)
-        asked = {
-            "dataset": args.dataset,
-            "split": args.split,
-            "crop_type": args.crop_type,
-            "resolution": args.resolution,
-            "backbone": args.backbone,
-        }
-        if args.layer is not None:
-            asked["layer"] = args.layer
-        diffs = [
-            f"{k}: asked {v!r}, cache has {fp.get(k)!r}" for k, v in asked.items() if fp.get(k) != v
-        ]
-        if diffs:
-            raise StegoError(
-                f"feature cache {args.features} does not match the command line: "
-                + "; ".join(diffs)
-            )
-        feats = cache.global_features()
+    if args.features is not None:  # no backbone at all: the cache has the global features
+        m = config.model
+        feats, fp = cached_global_features(args.features, spec, m.backbone, m.layer)
     else:
-        backbone, dataset = build_inputs(args)
-        fp = backbone_fingerprint(
+        backbone = load_backbone(config)
+        dataset = open_split(spec)
+        feats, fp = split_global_features(
             backbone,
-            dataset=args.dataset,
-            split=args.split,
-            crop_type=args.crop_type,
-            resolution=args.resolution,
-            paths=item_paths(dataset),
-            data_root=args.data_root,
+            dataset,
+            spec,
+            reuse_cache=True,
+            batch_size=args.batch_size,
+            device=device,
+            num_workers=args.num_workers,
+            progress=not args.quiet,
         )
-        feats = _cached_global_features(artifact_dir(args.data_root, fp, args.cache_dir), fp)
-        if feats is None:
-            feats = collect_global_features(
-                backbone,
-                dataset,
-                batch_size=args.batch_size,
-                device=device,
-                num_workers=args.num_workers,
-                progress=not args.quiet,
-            ).feat
-    fp["data_root"] = str(args.data_root)
     groups = None
     if args.exclude_siblings:
-        dataset = dataset if dataset is not None else build_dataset_from_args(args)
-        if getattr(dataset, "groups", None) is None:
-            raise StegoError("--exclude-siblings needs five-crop data (--crop-type five)")
-        groups = torch.as_tensor(list(dataset.groups), dtype=torch.int64)
-        fp["exclude_siblings"] = True
-    feats_device = torch.device(device) if args.backend == "torch" else torch.device("cpu")
-    indices = topk_cosine(
+        groups = sibling_groups(dataset if dataset is not None else open_split(spec))
+    out = args.out or table_path(spec, fp, k)
+    table = build_neighbor_table(
         feats,
-        args.k,
+        fp,
+        k,
+        out,
+        device=device,
         backend=args.backend,
-        device=feats_device,
         max_memory_bytes=args.max_memory_mb * 2**20,
         exclude_groups=groups,
-    ).cpu()
-    out = args.out or (
-        artifact_dir(args.data_root, fp, args.cache_dir) / f"neighbors_k{args.k}.safetensors"
     )
-    NeighborTable(indices, fp).save(out)
-    print(f"neighbour table written: {out} ({indices.shape[0]} items x {indices.shape[1]})")
+    print(f"neighbour table written: {out} ({len(table)} items x {table.k})")
     return 0
-
-
-def _cached_global_features(folder: Path, fp: dict) -> Any:
-    """Global features of the feature cache `stego features` wrote for the same fingerprint
-    (saves a second backbone pass), or None when there is none or it is stale."""
-    from stego.errors import StegoError
-    from stego.features.cache import FeatureCache
-
-    if not (folder / "features" / "manifest.json").is_file():
-        return None
-    try:
-        cache = FeatureCache.open(folder / "features", fp)
-    except StegoError:
-        return None
-    print(f"using the global features of the feature cache in {folder / 'features'}")
-    return cache.global_features()

@@ -100,12 +100,11 @@ def resolve_model_dir(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from stego.device import resolve_device
     from stego.infer.predict import predict_paths
     from stego.models.pretrained import load
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if Path(args.checkpoint).is_file():  # model folders are folders: a file is an original .ckpt
         from stego.models.convert_official import load_official
 

@@ -34,9 +34,8 @@ def _installed(module: str) -> bool:
 
 def backbone_checks() -> list[Check]:
     """One :class:`Check` per registry backbone: can it be built with weights, offline?"""
-    import timm
-
-    from stego.models.backbone import BACKBONES, list_backbones, weights_available
+    from stego.models.registry import BACKBONES, list_backbones
+    from stego.models.weights import hub_id, weights_available
 
     out = []
     for name in list_backbones():
@@ -48,9 +47,8 @@ def backbone_checks() -> list[Check]:
         elif weights_available(name):
             out.append(Check(name, True, "weights in the Hugging Face cache"))
         else:
-            cfg = timm.models.get_pretrained_cfg(spec.timm_name)
-            hub_id = getattr(cfg, "hf_hub_id", None) or spec.timm_name
-            fix = f"not cached: `huggingface-cli download {hub_id}` once online, or --weights FILE"
+            repo = hub_id(spec) or spec.timm_name
+            fix = f"not cached: `huggingface-cli download {repo}` once online, or --weights FILE"
             out.append(Check(name, False, fix))
     return out
 

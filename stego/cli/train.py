@@ -159,16 +159,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """``--set`` values followed by the explicit flags (which win)."""
+def overrides_from_args(
+    args: argparse.Namespace, shortcuts: tuple[tuple[str, str], ...] = _SHORTCUTS
+) -> list[str]:
+    """``--set`` values followed by the explicit flags of ``shortcuts`` (which win)."""
+    import os
+
     import yaml
 
-    out = list(args.overrides)
+    out = list(getattr(args, "overrides", None) or [])
     if getattr(args, "live", False):
         out.append("train.use_feature_cache=false")
-    for dest, key in _SHORTCUTS:
+    for dest, key in shortcuts:
         value = getattr(args, dest, None)
         if value is not None:
+            value = os.fspath(value) if isinstance(value, os.PathLike) else value
             text = yaml.safe_dump(value, default_flow_style=True).strip()
             out.append(f"{key}={text.removesuffix('...').strip()}")
     return out
@@ -187,9 +192,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _env_rank() -> int:
-    from stego.train.trainer import _env_rank as rank
+    from stego.train.trainer import env_rank
 
-    return rank()
+    return env_rank()
 
 
 def summary(config: StegoConfig, out: Path, seconds: float) -> str:

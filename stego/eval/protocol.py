@@ -9,25 +9,21 @@ counts pixels of unmatched extra clusters as errors, ``"original"`` drops them a
 code did).
 
 The CRF sees the un-normalised image as uint8. ``crf_image="round"``: ``floor(x * 255 + 0.5)``
-clipped to [0, 255], which gives back the stored bytes exactly. ``"truncate"``: the original's
-rule (:func:`stego.infer.crf.images_to_uint8_original`: ImageNet normalisation undone in float32, then
-``x * 255`` cut), where float error drops some bytes by one; the paper presets use it so that
-CRF results match the original's. :func:`evaluate_checkpoint` takes this and the image resize
-from the model's training config (a converted original checkpoint: nearest and truncate).
+clipped to [0, 255], which gives back the stored bytes exactly. ``"truncate"``: the original's rule
+(:func:`stego.infer.crf.images_to_uint8_original`: ImageNet normalisation undone in float32, then
+``x * 255`` cut), where float error drops some bytes by one; the paper presets use it so that CRF
+results match the original's. :func:`evaluate_checkpoint` takes this and the image resize from the
+model's training config (a converted original checkpoint: nearest and truncate).
 
-Files written by :func:`evaluate_checkpoint` in ``out/``: ``metrics.json``, ``confusion.png``,
-``examples.png``, ``iou.png`` and ``examples.npz`` (the example arrays, from which
-:func:`stego.eval.report.write_report` rebuilds the HTML report).
+:func:`evaluate_checkpoint` loads the model (:mod:`stego.eval.loading`) and writes the
+evaluation's files to ``out/`` (:mod:`stego.eval.outputs`); the HTML report is a separate step
+built from those files (:func:`stego.eval.report.write_report`, ``stego eval --report``).
 """
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,48 +32,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stego.atomic import atomic_write
+from stego.data.classes import generic_class_names
 from stego.errors import StegoError
-from stego.eval.metrics import Scores, UnsupervisedMetrics, map_clusters
+from stego.eval.loading import load_for_eval
+from stego.eval.metrics import UnsupervisedMetrics, map_clusters
+from stego.eval.outputs import (
+    EvalResult,
+    format_table,
+    load_examples,
+    metrics_dict,
+    save_examples,
+    write_outputs,
+)
 from stego.models.segmenter import Segmenter
-from stego.viz import Example, confusion_figure, default_palette, examples_grid, iou_bars
+from stego.viz import Example, default_palette
 
+# The protocol, plus names defined in stego.eval.outputs / stego.eval.loading and re-exported so
+# that code importing them from here (or from the 0.1 path ``stego.evaluation``) keeps working.
 __all__ = [
     "EvalResult",
     "Example",
     "evaluate",
     "evaluate_checkpoint",
-    "load_for_eval",
     "images_to_uint8",
+    "load_for_eval",
     "format_table",
     "metrics_dict",
     "save_examples",
     "load_examples",
+    "write_outputs",
 ]
-
-METRICS_FILE = "metrics.json"
-EXAMPLES_FILE = "examples.npz"
-
-
-@dataclass
-class EvalResult:
-    """Scores of one evaluation plus a few examples for figures.
-
-    cluster: Hungarian-matched cluster-probe :class:`~stego.eval.metrics.Scores`.
-    linear: linear-probe scores (identity assignment), None without a linear probe.
-    examples: the first ``n_figure_images`` images with label and predictions (classes).
-    """
-
-    cluster: Scores
-    linear: Scores | None
-    examples: list[Example]
-    n_images: int
-    class_names: list[str]
-    crf: bool
-    flip: bool
-    extra_clusters: int
-    rule: str
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def images_to_uint8(images: Tensor) -> np.ndarray:
@@ -219,7 +203,7 @@ def evaluate(
         rule: "strict" or "original" counting of extra-cluster pixels (see stego.eval.metrics).
         n_figure_images: how many leading images to keep as :class:`Example` for figures.
     """
-    names = [f"class {k}" for k in range(n_classes)] if class_names is None else list(class_names)
+    names = list(generic_class_names(n_classes) if class_names is None else class_names)
     if len(names) != n_classes:
         raise StegoError(f"got {len(names)} class names for {n_classes} classes")
     if batch_size < 1:
@@ -302,222 +286,6 @@ def _keep_examples(
         raw.append((u8[i], labels[i].cpu().numpy(), cluster[i].cpu().numpy(), lin, name))
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for evaluation, the training config it came with, and its resolved path."""
-
-    model: Segmenter
-    config: dict[str, Any] | None
-    source: Path
-
-
-def load_for_eval(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a run directory (its final ``model/``), a model directory, or a Lightning ``.ckpt``.
-
-    A run directory without ``model/`` (interrupted run) falls back to
-    ``checkpoints/last.ckpt``. Lightning checkpoints are read with ``weights_only=True``: no
-    code inside a checkpoint is ever executed.
-    """
-    from stego.models.pretrained import CONFIG_FILE, load
-
-    path = Path(checkpoint)
-    if path.is_file() and path.suffix == ".ckpt":
-        return _load_lightning(path, device)
-    if (path / CONFIG_FILE).is_file():
-        return LoadedModel(load(path, device=device), _model_config(path), path)
-    if (path / "model" / CONFIG_FILE).is_file():
-        model_dir = path / "model"
-        config = _run_config(path) or _model_config(model_dir)
-        return LoadedModel(load(model_dir, device=device), config, model_dir)
-    if (path / "checkpoints" / "last.ckpt").is_file():
-        return _load_lightning(path / "checkpoints" / "last.ckpt", device)
-    raise StegoError(
-        f"no model at {checkpoint}: pass a run directory (with model/ or checkpoints/last.ckpt), "
-        f"a model directory (with {CONFIG_FILE}) or a Lightning .ckpt file"
-    )
-
-
-def _model_config(model_dir: Path) -> dict[str, Any] | None:
-    data = json.loads((model_dir / "config.json").read_text())
-    config = data.get("train_config")
-    return config if isinstance(config, dict) else None
-
-
-def _run_config(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-
-    data = yaml.safe_load(path.read_text())
-    return data if isinstance(data, dict) else None
-
-
-def _load_lightning(path: Path, device: str | torch.device) -> LoadedModel:
-    """Rebuild the Segmenter of a Lightning checkpoint written by :func:`stego.train.trainer.train`."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable or holding pickled code: same answer
-        raise StegoError(
-            f"cannot read {path} as a weights-only checkpoint ({type(exc).__name__}: {exc}); "
-            "evaluate the run's model/ directory instead"
-        ) from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise StegoError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    model, config = _segmenter_from_state(ckpt["state_dict"], ckpt.get("hyper_parameters") or {})
-    return LoadedModel(model.to(device).eval(), config, path)
-
-
-_INFERENCE_PARTS = ("head", "cluster_probe", "linear_probe")  # StegoModule parts a Segmenter has
-
-
-def _segmenter_from_state(
-    state: dict[str, Tensor], hparams: dict[str, Any]
-) -> tuple[Segmenter, dict[str, Any]]:
-    """Segmenter from a StegoModule state dict (head.*, cluster_probe.*, linear_probe.*) and
-    its hyper-parameters (the run's config dict, as :func:`stego.train.trainer.build_module` saves)."""
-    from stego.config import StegoConfig
-    from stego.data import dataset_info
-    from stego.models.backbone import build_backbone
-    from stego.models.segmenter import SegmenterMeta, build_segmenter
-
-    config = StegoConfig.from_dict(hparams.get("config", hparams), source="checkpoint")
-    m = config.model
-    with torch.random.fork_rng():  # a random backbone (tests) is rebuilt as training built it
-        torch.manual_seed(config.train.seed)
-        backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
-    own = {k: v for k, v in state.items() if k.split(".")[0] in _INFERENCE_PARTS}
-    meta = SegmenterMeta.from_config(
-        config,
-        dataset_info(config.data.dataset),
-        code_dim=int(state["cluster_probe.clusters"].shape[1]),
-        n_clusters=int(state["cluster_probe.clusters"].shape[0]),
-        n_classes=(
-            int(state["linear_probe.conv.weight"].shape[0])
-            if "linear_probe.conv.weight" in state
-            else None
-        ),
-        backbone_digest=backbone.weights_digest,
-    )
-    model = build_segmenter(meta, state=own, backbone=backbone, source="the checkpoint")
-    return model, config.to_dict()
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _nan_to_none(value: float) -> float | None:
-    return None if value is None or math.isnan(float(value)) else round(float(value), 4)
-
-
-def _scores_dict(scores: Scores, names: Sequence[str]) -> dict[str, Any]:
-    iou = np.asarray(scores.iou, dtype=np.float64)[: len(names)]
-    return {
-        "accuracy": _nan_to_none(scores.accuracy),
-        "miou": _nan_to_none(scores.miou),
-        "iou": {name: _nan_to_none(v) for name, v in zip(names, iou, strict=True)},
-        "n_pixels": int(scores.n_pixels),
-        "assignment": [int(a) for a in scores.assignment],
-        "confusion": np.asarray(scores.confusion).astype(int).tolist(),
-    }
-
-
-def metrics_dict(result: EvalResult, **info: Any) -> dict[str, Any]:
-    """The ``metrics.json`` content: scores (NaN -> null) plus ``info`` (split, checkpoint...)."""
-    data: dict[str, Any] = {
-        "cluster": _scores_dict(result.cluster, result.class_names),
-        "crf": result.crf,
-        "flip": result.flip,
-        "rule": result.rule,
-        "extra_clusters": result.extra_clusters,
-        "n_images": result.n_images,
-        "class_names": result.class_names,
-    }
-    if result.linear is not None:
-        data["linear"] = _scores_dict(result.linear, result.class_names)
-    data.update(info)
-    return data
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
-
-
-def format_table(result: EvalResult) -> str:
-    """Terminal table: class | IoU cluster | IoU linear, then accuracy and mIoU rows."""
-    width = max(12, *(len(n) for n in result.class_names)) + 2
-    linear = result.linear
-    lines = [f"{'class':<{width}}{'IoU cluster':>12}{'IoU linear':>12}"]
-    for k, name in enumerate(result.class_names):
-        lin = float(linear.iou[k]) if linear is not None else None
-        lines.append(f"{name:<{width}}{_fmt(float(result.cluster.iou[k])):>12}{_fmt(lin):>12}")
-    lines.append("-" * (width + 24))
-    for label, attr in (("accuracy", "accuracy"), ("mIoU", "miou")):
-        lin = getattr(linear, attr) if linear is not None else None
-        lines.append(f"{label:<{width}}{_fmt(getattr(result.cluster, attr)):>12}{_fmt(lin):>12}")
-    return "\n".join(lines)
-
-
-def save_examples(examples: Sequence[Example], path: str | Path) -> Path:
-    """Store examples in a pickle-free ``.npz`` (sizes may differ between examples)."""
-    arrays: dict[str, np.ndarray] = {"names": np.array([e.name for e in examples], dtype=str)}
-    for i, e in enumerate(examples):
-        arrays[f"image_{i}"], arrays[f"label_{i}"] = e.image, e.label
-        arrays[f"cluster_{i}"] = e.cluster
-        if e.linear is not None:
-            arrays[f"linear_{i}"] = e.linear
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
-    path = Path(path)
-    with atomic_write(path) as handle:
-        handle.write(buffer.getvalue())
-    return path
-
-
-def load_examples(path: str | Path) -> list[Example]:
-    """Read examples written by :func:`save_examples`."""
-    with np.load(path, allow_pickle=False) as data:
-        names = [str(n) for n in data["names"]]
-        return [
-            Example(
-                data[f"image_{i}"],
-                data[f"label_{i}"],
-                data[f"cluster_{i}"],
-                data[f"linear_{i}"] if f"linear_{i}" in data.files else None,
-                name,
-            )
-            for i, name in enumerate(names)
-        ]
-
-
-def write_outputs(result: EvalResult, out: str | Path, palette: np.ndarray, **info: Any) -> Path:
-    """Write metrics.json, confusion.png, iou.png, examples.png and examples.npz to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = metrics_dict(result, palette=np.asarray(palette).astype(int).tolist(), **info)
-    names = result.class_names
-    confusion_figure(
-        result.cluster.confusion,
-        names,
-        out / "confusion.png",
-        assignment=result.cluster.assignment,
-        title="cluster probe (Hungarian)",
-    )
-    series = {"cluster": data["cluster"]["iou"]}
-    if "linear" in data:
-        series["linear"] = data["linear"]["iou"]
-    iou_bars(series, out / "iou.png")
-    if result.examples:
-        examples_grid(result.examples, palette, names, out / "examples.png")
-        save_examples(result.examples, out / EXAMPLES_FILE)
-    with atomic_write(out / METRICS_FILE, "w") as handle:  # last: its presence = finished
-        json.dump(data, handle, indent=2)
-    return out / METRICS_FILE
-
-
 # --------------------------------------------------------------------------- end to end
 
 
@@ -534,7 +302,7 @@ def _dataset_info(name: str, model: Segmenter) -> tuple[str, list[str], np.ndarr
     names = list(info.class_names) or list(meta.class_names or [])
     if not names:
         n = meta.n_classes or _n_clusters(model)
-        names = [f"class {k}" for k in range(n)]
+        names = list(generic_class_names(n))
     palette = np.asarray(info.palette, dtype=np.uint8)
     if len(palette) < len(names):
         fallback = meta.palette if meta.palette and len(meta.palette) >= len(names) else None
@@ -572,7 +340,6 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     rule: str = "strict",
-    report: bool = False,
     progress: bool = True,
     n_figure_images: int = 8,
     echo: Any = print,
@@ -586,7 +353,7 @@ def evaluate_checkpoint(
     ``folder`` dataset (its split is always "all"). ``interpolation`` (image resize, labels are
     always nearest) and ``crf_image`` (see :func:`evaluate`) default to what the model was
     trained with (:func:`_preparation`). ``echo`` receives the score table (None = silent).
-    With ``report`` an HTML report is written too (``out/report.html``).
+    The HTML report is a later step on ``out``: :func:`stego.eval.report.write_report`.
     """
     from stego.data import PairTransform, build_dataset
 
@@ -639,10 +406,4 @@ def evaluate_checkpoint(
     if echo is not None:
         echo(f"{name} / {split}: {result.n_images} images, crf={crf}, flip={flip}, rule={rule}")
         echo(format_table(result))
-    if report:
-        from stego.eval.report import write_report
-
-        path = write_report(out)
-        if echo is not None:
-            echo(f"report: {path}")
     return result

@@ -1,6 +1,6 @@
 """A static HTML report of an evaluation: scores, per-class IoU, confusion matrix, gallery.
 
-Built only from what :func:`stego.eval.protocol.evaluate_checkpoint` saved (``metrics.json`` and
+Built only from what :func:`stego.eval.outputs.write_outputs` saved (``metrics.json`` and
 ``examples.npz``), so ``stego report DIR`` can rebuild it at any time without the model or the
 data. The page uses no network and no external asset: inline CSS, and PNGs written next to it
 in ``<name>_assets/`` (``report_assets/`` for the default ``report.html``), referenced by
@@ -20,6 +20,7 @@ import numpy as np
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
+from stego.eval.outputs import EXAMPLES_FILE, METRICS_FILE, load_examples
 from stego.viz import (
     Example,
     colorize,
@@ -31,9 +32,6 @@ from stego.viz import (
 )
 
 __all__ = ["find_eval_dir", "write_report"]
-
-METRICS_FILE = "metrics.json"
-EXAMPLES_FILE = "examples.npz"
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
@@ -211,8 +209,6 @@ def write_report(run_or_eval_dir: str | Path, out_html: str | Path | None = None
         out_html: the page to write; default ``<eval dir>/report.html``. Its PNGs go to the
             sibling folder ``<stem>_assets/``.
     """
-    from stego.eval.protocol import load_examples
-
     eval_dir = find_eval_dir(run_or_eval_dir)
     data = _read_metrics(eval_dir)
     out = Path(out_html) if out_html is not None else eval_dir / "report.html"

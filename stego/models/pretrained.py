@@ -1,5 +1,6 @@
 """``stego.load`` / ``stego.save_pretrained``: the functional forms of
-:meth:`Segmenter.from_pretrained` and :meth:`Segmenter.save_pretrained` (format: :mod:`stego.models.files`)."""
+:meth:`Segmenter.from_pretrained` and :meth:`Segmenter.save_pretrained` (format:
+:mod:`stego.models.files`)."""
 
 from __future__ import annotations
 

@@ -77,12 +77,62 @@ class SegmenterMeta:
             code_dim=code_dim,
             n_clusters=n_clusters,
             n_classes=n_classes,
-            dataset=info.name,
-            class_names=list(info.class_names) or None,
-            palette=info.palette.tolist() if len(info.palette) else None,
             resolution=config.data.resolution,
             backbone_digest=backbone_digest,
+            **_dataset_fields(info),
         )
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, Tensor],
+        *,
+        backbone: str,
+        backbone_layer: int | None = None,
+        info: DatasetInfo | None = None,
+        resolution: int = 224,
+        backbone_digest: str = "",
+        extra: dict[str, Any] | None = None,
+    ) -> SegmenterMeta:
+        """The metadata of Segmenter weights ``state`` (head.*, cluster_probe.*, linear_probe.*).
+
+        Code dim, cluster count, linear-probe classes and head kind are read from the tensors;
+        dataset name, class names and palette from ``info`` (whose class count stands in when
+        ``state`` has no linear probe, so predictions can still be named).
+        """
+        clusters = state.get("cluster_probe.clusters")
+        if clusters is None:
+            raise StegoError("the weights have no cluster_probe.clusters; not a STEGO model")
+        linear = state.get("linear_probe.conv.weight")
+        n_classes = int(linear.shape[0]) if linear is not None else None
+        if "head.nonlinear.0.weight" in state:
+            kind = "nonlinear"
+        else:
+            kind = "linear" if "head.linear.weight" in state else "none"
+        fields = _dataset_fields(info) if info is not None else {}
+        if n_classes is None and info is not None:
+            n_classes = info.n_classes
+        return cls(
+            backbone=backbone,
+            backbone_layer=backbone_layer,
+            head_kind=kind,
+            code_dim=int(clusters.shape[1]),
+            n_clusters=int(clusters.shape[0]),
+            n_classes=n_classes,
+            resolution=resolution,
+            backbone_digest=backbone_digest,
+            extra=dict(extra or {}),
+            **fields,
+        )
+
+
+def _dataset_fields(info: DatasetInfo) -> dict[str, Any]:
+    """The dataset part of :class:`SegmenterMeta`: name, class names, palette (None: unknown)."""
+    return {
+        "dataset": info.name,
+        "class_names": list(info.class_names) or None,
+        "palette": info.palette.tolist() if len(info.palette) else None,
+    }
 
 
 class SegmenterOutput(NamedTuple):

@@ -67,7 +67,7 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
 def report_artifacts(root: Path, table: Path, cached: bool, had: tuple[bool, bool]) -> None:
     """One line on the feature cache and neighbour table: reused, or built now (size, where)."""
     from stego.atomic import format_bytes
-    from stego.train.pairs import disk_size
+    from stego.features.build import disk_size
 
     size = format_bytes(disk_size(root / "features") + disk_size(root)) if cached else ""
     if cached and all(had):

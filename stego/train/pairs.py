@@ -6,16 +6,17 @@ The order is an infinite stream of dataset positions: epoch ``e`` visits the tra
 ``B/W`` slice. So the batch of a step depends only on (seed, step), never on how many steps ran
 before in this process: resuming at step ``s`` replays exactly, and W processes together see the
 same global batch as one. The sampler yields ``(index, epoch)`` keys; the pair datasets draw the
-positive of ``index`` with :func:`stego.features.neighbors.positive_index` (a pure function of seed, epoch
-and index), so the live-backbone and cached-feature paths pair the same images.
+positive of ``index`` with :func:`stego.features.neighbors.positive_index` (a pure function of
+seed, epoch and index), so the live-backbone and cached-feature paths pair the same images.
+
+The split itself, its feature cache and its neighbour table come from
+:mod:`stego.features.build` (shared with ``stego features`` / ``stego knn``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,12 +34,6 @@ __all__ = [
     "CachedPairDataset",
     "split_holdout",
     "mix_seed",
-    "open_split",
-    "feature_cache",
-    "neighbor_table",
-    "artifact_root",
-    "cache_complete",
-    "disk_size",
     "usable_workers",
 ]
 
@@ -225,57 +220,6 @@ def split_holdout(n: int, n_holdout: int, seed: int) -> tuple[list[int], list[in
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-# --------------------------------------------------------------------------- assembly
-def open_split(
-    name: str,
-    root: str | Path,
-    split: str,
-    *,
-    resolution: int,
-    interpolation: str,
-    crop_type: str,
-    crop_dir: str | Path | None = None,
-    skip_bad: bool = False,
-) -> Dataset:
-    """A split at the training transform: shorter side to ``resolution``, centre crop."""
-    from stego.data import PairTransform, build_dataset
-
-    transform = PairTransform(resolution, crop="center", interpolation=interpolation)  # type: ignore[arg-type]
-    extra: dict[str, Any] = {"skip_bad": True} if (skip_bad and name == "folder") else {}
-    return build_dataset(
-        name,
-        root,
-        split,
-        transform=transform,
-        crop_dir=crop_dir,
-        crop_type=None if crop_type == "none" else crop_type,
-        **extra,
-    )
-
-
-def _fingerprint(
-    backbone: Any,
-    dataset: Dataset,
-    *,
-    name: str,
-    split: str,
-    crop_type: str,
-    resolution: int,
-    data_root: str | Path,
-) -> dict[str, Any]:
-    from stego.features.fingerprint import backbone_fingerprint, item_paths
-
-    return backbone_fingerprint(
-        backbone,
-        dataset=name,
-        split=split,
-        crop_type=crop_type,
-        resolution=resolution,
-        paths=item_paths(dataset),
-        data_root=str(Path(data_root)),
-    )
-
-
 def usable_workers(requested: int) -> int:
     """``requested`` data-loading processes, at most one per CPU this process may run on (more
     only compete for the same cores, and PyTorch warns about them)."""
@@ -284,160 +228,3 @@ def usable_workers(requested: int) -> int:
     except AttributeError:  # no affinity API (macOS, Windows)
         cores = os.cpu_count() or 1
     return max(0, min(requested, cores))
-
-
-def artifact_root(
-    backbone: Any,
-    dataset: Dataset,
-    *,
-    name: str,
-    split: str,
-    crop_type: str,
-    resolution: int,
-    data_root: str | Path,
-    cache_dir: str | Path | None = None,
-) -> Path:
-    """The folder of the split's feature cache (``features/``) and neighbour tables."""
-    from stego.features.fingerprint import artifact_dir
-
-    fp = _fingerprint(
-        backbone,
-        dataset,
-        name=name,
-        split=split,
-        crop_type=crop_type,
-        resolution=resolution,
-        data_root=data_root,
-    )
-    return artifact_dir(data_root, fp, cache_dir)
-
-
-def cache_complete(root: Path) -> bool:
-    """Whether ``root`` (a ``features/`` folder) holds a finished feature cache."""
-    try:
-        return bool(json.loads((root / "manifest.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
-
-
-def disk_size(root: Path) -> int:
-    """Bytes of the files directly in ``root`` (0 when it does not exist)."""
-    return sum(p.stat().st_size for p in root.glob("*") if p.is_file()) if root.is_dir() else 0
-
-
-def feature_cache(
-    backbone: Any,
-    dataset: Dataset,
-    use: bool | str,
-    *,
-    name: str,
-    split: str,
-    crop_type: str,
-    resolution: int,
-    data_root: str | Path,
-    device: str,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    cache_dir: str | Path | None = None,
-) -> Any | None:
-    """Open (or, with ``use=True``, build or finish) the feature cache of the split.
-
-    ``use``: True = open it, building it on first use (or finishing an interrupted build);
-    ``"auto"`` = open one that is already complete, never build; False = None (live backbone).
-    Lives where ``stego features`` writes by default, so either builds it for the other.
-    """
-    from stego.features.cache import FeatureCache
-    from stego.features.fingerprint import artifact_dir
-
-    if use is False:
-        return None
-    fp = _fingerprint(
-        backbone,
-        dataset,
-        name=name,
-        split=split,
-        crop_type=crop_type,
-        resolution=resolution,
-        data_root=data_root,
-    )
-    root = artifact_dir(data_root, fp, cache_dir) / "features"
-    manifest = root / "manifest.json"
-    if use == "auto" and not manifest.is_file():
-        return None
-    if manifest.is_file() and (use == "auto" or cache_complete(root)):
-        try:
-            return FeatureCache.open(root, fp)
-        except StegoError:
-            if use == "auto":
-                return None  # stale or unfinished: train live rather than fail
-            raise
-    return FeatureCache.build(  # resumes an unfinished build at its first missing shard
-        backbone,
-        dataset,
-        root,
-        dataset_name=name,
-        split=split,
-        crop_type=crop_type,
-        resolution=resolution,
-        data_root=data_root,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-    )
-
-
-def neighbor_table(
-    backbone: Any,
-    dataset: Dataset,
-    k: int,
-    *,
-    name: str,
-    split: str,
-    crop_type: str,
-    resolution: int,
-    data_root: str | Path,
-    device: str,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    cache: Any | None = None,
-    cache_dir: str | Path | None = None,
-) -> Tensor:
-    """(N, k) neighbour indices: loaded from ``stego knn``'s default file, or built and saved."""
-    from stego.atomic import file_lock
-    from stego.features.fingerprint import artifact_dir
-    from stego.features.neighbors import NeighborTable, global_features, topk_cosine
-
-    fp = _fingerprint(
-        backbone,
-        dataset,
-        name=name,
-        split=split,
-        crop_type=crop_type,
-        resolution=resolution,
-        data_root=data_root,
-    )
-    path = artifact_dir(data_root, fp, cache_dir) / f"neighbors_k{k}.safetensors"
-    with file_lock(path.with_name(path.name + ".build-lock")):  # DDP ranks build it once
-        if not path.is_file():
-            if cache is not None:
-                feats = cache.global_features()  # (N, C) from the same backbone pass
-            else:
-                feats = global_features(
-                    backbone,
-                    dataset,
-                    batch_size=batch_size,
-                    device=device,
-                    num_workers=num_workers,
-                    progress=progress,
-                )
-            indices = topk_cosine(feats, min(k, len(feats)), device=device).cpu()
-            NeighborTable(indices, fp).save(path)
-        table = NeighborTable.load(path, fp)
-    if table.k < 2:
-        raise StegoError(
-            f"neighbour table {path} has {table.k} column(s); the split needs at least 2 images"
-        )
-    return table.indices

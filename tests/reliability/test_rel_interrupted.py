@@ -394,15 +394,48 @@ def test_ddp_peer_killed_other_rank_exits_in_bounded_time(tmp_path, helpers, cam
     assert not (run / "model").exists()
 
 
-def test_training_honours_skip_bad(tmp_path, helpers) -> None:
-    """data.skip_bad=true: a truncated image in a folder dataset is left out, training ends."""
+def _names_digest(names: list[str]) -> str:
+    """A fingerprint's ``items_sha256`` for images directly in one folder: sha256 of the ordered
+    names, each followed by a newline (the format documented in stego/features/fingerprint.py)."""
+    import hashlib
+
+    return hashlib.sha256("".join(f"{n}\n" for n in names).encode()).hexdigest()
+
+
+def _table_fingerprint(images: Path) -> tuple[dict, torch.Tensor]:
+    """Fingerprint and indices of the one neighbour table training wrote under
+    ``<data_root>/stego-cache`` (safetensors: tensor ``indices``, JSON ``fingerprint`` metadata)."""
+    from safetensors import safe_open
+
+    tables = sorted((images / "stego-cache").rglob("neighbors_k*.safetensors"))
+    assert len(tables) == 1, tables
+    with safe_open(str(tables[0]), framework="pt") as f:
+        return json.loads(f.metadata()["fingerprint"]), f.get_tensor("indices")
+
+
+def test_training_honours_skip_bad(tmp_path, helpers, caplog) -> None:
+    """data.skip_bad=true: a truncated image in a folder dataset is left out (a warning names it),
+    and training runs on exactly the good images: the neighbour table it builds lists them all,
+    in order, and nothing else."""
+    import logging
+
     from stego.config import load_config
     from stego.train.trainer import train
 
     images = helpers.write_folder(tmp_path / "img", 10, size=(32, 32))
     helpers.write_bad_image("truncated_png", images / "zz_bad.png")
+    good = [f"img_{i:03d}.png" for i in range(10)]
     overrides = [o for o in _train_overrides(images, 2) if not o.startswith("data.dataset")]
     config = load_config(overrides=[*overrides, "data.dataset=folder", "data.split=all",
                                     "model.n_clusters=3", "data.skip_bad=true"])  # fmt: skip
-    run = train(config, tmp_path / "run", progress=False)
+    with caplog.at_level(logging.WARNING):
+        run = train(config, tmp_path / "run", progress=False)
     assert (run / "model" / "config.json").is_file()
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 1 and "zz_bad.png" in skipped[0], skipped
+    fingerprint, indices = _table_fingerprint(images)
+    assert fingerprint["num_items"] == len(good)
+    assert fingerprint["items_sha256"] == _names_digest(good)
+    assert fingerprint["items_sha256"] != _names_digest([*good, "zz_bad.png"])
+    assert indices.shape[0] == len(good)
+    assert 0 <= int(indices.min()) and int(indices.max()) < len(good)

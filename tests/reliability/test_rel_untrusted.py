@@ -65,7 +65,7 @@ def test_backbone_weights_plain_pickle_refused(evil, tmp_path) -> None:
 
 
 def test_lightning_checkpoint_in_evaluation_refused(evil, tmp_path) -> None:
-    from stego.eval.protocol import load_for_eval
+    from stego.eval.loading import load_for_eval
 
     obj, marker = evil
     path = tmp_path / "last.ckpt"
