@@ -1,4 +1,5 @@
-"""Figures of an evaluation: colour-coded label maps, confusion matrix, example grid, IoU bars.
+"""Figures of an evaluation: colour-coded label maps, confusion matrix, example grid, IoU bars,
+precision-recall curves (`stego analyze`).
 
 Pure functions of arrays; no model, no dataset. Matplotlib runs on the non-interactive Agg
 backend (works headless, never opens a window), and every figure is rendered into memory and
@@ -35,6 +36,7 @@ __all__ = [
     "confusion_figure",
     "examples_grid",
     "iou_bars",
+    "pr_figure",
 ]
 
 
@@ -285,6 +287,37 @@ def iou_bars(iou_by_class: Mapping[str, Any], path: str | Path, *, title: str = 
     ax.set_title(title or "per-class IoU")
     if k > 1:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return _save_figure(fig, path)
+
+
+def pr_figure(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    *,
+    chance: float | None = None,
+    title: str = "",
+) -> Path:
+    """Precision-recall curves, one per entry ``{legend label: (recall (T,), precision (T,))}``.
+
+    Colours are :func:`default_palette`'s; ``chance`` (the positive rate, the precision of a blind
+    scorer) is drawn as a dotted line.
+    """
+    if not curves:
+        raise StegoError("pr_figure needs at least one curve")
+    colours = default_palette(len(curves)) / 255.0
+    fig = _figure(8.5, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for colour, (label, (recall, precision)) in zip(colours, curves.items(), strict=True):
+        ax.plot(np.asarray(recall), np.asarray(precision), color=colour, lw=1.2, label=label)
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1.0, label=f"chance ({chance:.3f})")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title or "precision-recall", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     return _save_figure(fig, path)
 
 

@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "calibrate",
     "train",
     "eval",
+    "analyze",
     "predict",
     "report",
     "convert_official",
@@ -47,6 +48,8 @@ Research pipeline (paper datasets):
      stego calibrate (optional) propose the loss shifts from your data, without labels
   4. stego train     train the segmentation head and probes
   5. stego eval      the paper's evaluation protocol (Hungarian-matched accuracy / mIoU)
+     stego analyze   (optional) compare backbones / blocks / resolutions on a labelled split:
+                     how well feature cosine predicts same-class patches (the paper's Fig. 5)
 Then: stego predict, stego report, stego convert-official, stego export-onnx.
 """
 
