@@ -63,8 +63,8 @@ def case_train(args: argparse.Namespace, cached: bool) -> dict:
     from stego.config import load_config
     from stego.models.backbone import build_backbone
     from stego.train.datamodule import build_datamodule
-    from stego.train.module import build_module
     from stego.train.pairs import StepSampler
+    from stego.train.trainer import build_module
 
     config = load_config("camvid", overrides=[
         f"data.data_root={args.data_root}", f"data.cache_dir={args.cache_dir}",

@@ -5,6 +5,7 @@ Settings merge in one line of precedence: package defaults <- preset (``stego/pr
 the dataclass field it lands in; unknown keys, wrong types and impossible values raise
 :class:`stego.errors.StegoError` naming the key and the fix. The resolved config is saved next to
 the outputs (``config.yaml``) and inside every checkpoint (:meth:`StegoConfig.to_dict`).
+One module (~450 lines): every setting of both methods (STEGO, CAUSE) sits here with its reason.
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ class ModelConfig:
     # Cluster count. None = the dataset's class count + extra_clusters (paper protocol).
     n_clusters: int | None = None
     extra_clusters: int = 0  # over-clustering; extra clusters count as errors in the metrics
+    # Training method. "stego": the paper's correlation distillation (the loss.* shifts and
+    # weights). "cause": CAUSE (Kim et al., arXiv 2310.07379): a concept clusterbook fitted by
+    # modularity, then a head trained by a concept-wise contrastive loss against an EMA teacher
+    # (the loss.cause_* / train.cause_* keys; code_dim, dropout and the probes are shared).
+    method: Literal["stego", "cause"] = "stego"
+    # CAUSE head: "mlp" (linear + two-layer branch, like STEGO's) or "tr" (one transformer decoder
+    # layer whose queries are the patches' concepts; needs a square training crop)
+    cause_head: Literal["mlp", "tr"] = "mlp"
 
 
 @dataclass
@@ -105,6 +114,22 @@ class LossConfig:
     # "true": a real derangement (no image paired with itself); "original": randperm with fixed
     # points moved to i+1, exactly as the original code
     derangement: Literal["true", "original"] = "true"
+    # ---- CAUSE (model.method: cause); the values of its paper unless said otherwise
+    cause_concepts: int = 2048  # clusterbook size K
+    # Concept init. "data": random sub-sampled patch features of the training split; "uniform":
+    # the original's tiny uniform +-1/K, with which the clusterbook collapsed to 7-28 live
+    # concepts on DINOv2 CamVid features where data init kept 566 (docs/labelfree-experiments.md)
+    cause_concept_init: Literal["data", "uniform"] = "data"
+    cause_modularity_temperature: float = 0.1  # tanh temperature of the co-assignment
+    cause_cell: int = 4  # one patch per cell x cell block of the feature grid, for both losses
+    cause_temperature: float = 0.07  # contrastive softmax temperature
+    cause_pos_threshold: float = 0.3  # concept cosine above which two patches are positives
+    cause_neg_threshold: float = 0.1  # ... below which they are negatives (between: ignored)
+    # Projection channels of the contrastive loss: 2048 in the paper; 256 as in the CPU
+    # benchmark (benchmarks/labelfree.py), for an eighth of the bank's memory
+    cause_proj_dim: int = 256
+    cause_bank_size: int = 100  # teacher projections kept per concept (0 = no bank)
+    cause_bank_keep: float = 0.5  # fraction of each step's rows added to the bank
 
 
 @dataclass
@@ -141,6 +166,15 @@ class TrainConfig:
     # to at most this many times the feature map (labels resized nearest-exact); 0 = the label
     # size, as the original. Evaluation always scores every label pixel.
     linear_probe_upsample: int = 4
+    # ---- CAUSE (model.method: cause); the schedule of benchmarks/labelfree.py
+    # Clusterbook: Adam steps of data.batch_size images on the modularity objective. Fitted once
+    # per (feature cache, settings, seed) and kept next to the cache (stego.features.clusterbook).
+    cause_clusterbook_steps: int = 600
+    cause_clusterbook_lr: float = 1e-3
+    cause_lr: float = 1e-3  # head Adam lr (train.lr is STEGO's); train.probe_lr for the probes
+    cause_weight_decay: float = 1e-4  # head Adam weight decay
+    cause_grad_clip: float = 1.0  # max gradient norm of the head (0 = no clipping)
+    cause_momentum: float = 0.99  # EMA teacher: teacher = m * teacher + (1 - m) * student
 
 
 @dataclass
@@ -213,6 +247,7 @@ class StegoConfig:
         _at_least("train.linear_probe_upsample", t.linear_probe_upsample, 0)
         for name in ("val_every", "checkpoint_every", "log_every", "figure_every"):
             _at_least(f"train.{name}", getattr(t, name), 0)
+        self._validate_cause()
         _positive("train.devices", t.devices)
         _positive("train.num_nodes", t.num_nodes)
         world = t.devices * t.num_nodes
@@ -222,6 +257,39 @@ class StegoConfig:
                 f"train.devices x train.num_nodes ({world}); set data.batch_size to a multiple "
                 f"of {world}"
             )
+
+    def _validate_cause(self) -> None:
+        """The CAUSE keys (checked whatever the method, so a config stays valid when switched)."""
+        lo, t = self.loss, self.train
+        for key in ("cause_concepts", "cause_cell", "cause_proj_dim"):
+            _positive(f"loss.{key}", getattr(lo, key))
+        for key in ("cause_modularity_temperature", "cause_temperature"):
+            _positive(f"loss.{key}", getattr(lo, key))
+        for key in ("cause_pos_threshold", "cause_neg_threshold"):
+            if not -1.0 <= getattr(lo, key) <= 1.0:
+                raise StegoError(
+                    f"loss.{key} is a cosine and must be in [-1, 1], got {getattr(lo, key)}"
+                )
+        if lo.cause_neg_threshold > lo.cause_pos_threshold:
+            raise StegoError(
+                f"loss.cause_neg_threshold ({lo.cause_neg_threshold}) must not exceed "
+                f"loss.cause_pos_threshold ({lo.cause_pos_threshold})"
+            )
+        _at_least("loss.cause_bank_size", lo.cause_bank_size, 0)
+        if not 0.0 < lo.cause_bank_keep <= 1.0:
+            raise StegoError(f"loss.cause_bank_keep must be in (0, 1], got {lo.cause_bank_keep}")
+        _at_least("train.cause_clusterbook_steps", t.cause_clusterbook_steps, 0)
+        if t.cause_clusterbook_steps == 0 and lo.cause_concept_init == "uniform":
+            raise StegoError(
+                "train.cause_clusterbook_steps=0 keeps the uniform concept init, which is "
+                "noise; fit the clusterbook (steps > 0) or set loss.cause_concept_init=data"
+            )
+        for key in ("cause_clusterbook_lr", "cause_lr"):
+            _positive(f"train.{key}", getattr(t, key))
+        _at_least("train.cause_weight_decay", t.cause_weight_decay, 0.0)
+        _at_least("train.cause_grad_clip", t.cause_grad_clip, 0.0)
+        if not 0.0 <= t.cause_momentum < 1.0:
+            raise StegoError(f"train.cause_momentum must be in [0, 1), got {t.cause_momentum}")
 
 
 SECTIONS: dict[str, type] = {

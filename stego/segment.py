@@ -30,12 +30,25 @@ import yaml
 from stego.atomic import atomic_write
 from stego.errors import StegoError
 
-__all__ = ["SegmentSettings", "segment_folder", "default_backbone", "choose_steps"]
+__all__ = [
+    "SegmentSettings",
+    "segment_folder",
+    "default_backbone",
+    "default_out_dir",
+    "choose_steps",
+]
 
 FIVE_CROP_BELOW = 500  # folders smaller than this are five-cropped (5x the training views)
 # Checkpoints (to resume an interrupted run) about five times a run, but no more often than
 # every 100 steps: short runs would otherwise spend much of their time writing checkpoints.
 MIN_CHECKPOINT_EVERY = 100
+MAX_STEPS = 400  # see choose_steps
+# Prediction: the shorter side fed to the network is at most this many times the training
+# resolution (larger photos are downscaled for the network and the labels upsampled back).
+# On held-out CamVid (0016E5, 480x360) predicting at short side 224 / 322 / 360 / 448 gave
+# 23.2 / 23.2 / 23.7 / 23.5 mIoU at 134 / 227 / 283 / 423 s: above ~2x the training scale
+# there is nothing to gain, and the cost grows with the square of the side.
+PREDICT_SCALE = 2
 CODE_DIM = 32  # better than 70 and 128 on CamVid at this many steps (docs/benchmarks.md)
 
 
@@ -48,11 +61,13 @@ class SegmentSettings:
     layer: int | None
     resolution: int
     steps: int
+    predict_side: int  # shorter side fed to the network at prediction, at most
     five_crop: bool
     crf: bool
     seed: int
     batch_size: int
     shifts: dict[str, float] = field(default_factory=dict)
+    method: str = "stego"  # "cause": CAUSE's clusterbook and head instead of STEGO's loss
 
 
 def default_backbone() -> tuple[str, int | None]:
@@ -71,11 +86,20 @@ def default_backbone() -> tuple[str, int | None]:
     )
 
 
+def default_out_dir(input_dir: str | Path) -> Path:
+    """Where ``stego segment DIR`` writes without ``--out``: ``./NAME-segments`` in the current
+    folder (NAME = the input folder's name), never inside the input folder itself."""
+    name = Path(input_dir).expanduser().resolve().name or "images"
+    return Path.cwd() / f"{name}-segments"
+
+
 def choose_steps(n_items: int) -> int:
     """Training steps for ``n_items`` training views: ~13 passes (of batch 16), at least 200,
-    at most 3,000. On CamVid (367 images, ~300 steps) val cluster mIoU peaked there: 30.4 / 31.8
-    / 29.4 / 29.5 after 100 / 300 / 600 / 1000 steps (2 seeds, docs/benchmarks.md)."""
-    return int(min(3000, max(200, 13 * n_items // 16)))
+    at most 400. On held-out CamVid sequences (each segmented as its own folder, seed 0) more
+    steps did not help: 0016E5 (1020 views) 24.4 mIoU after 300 steps, 23.7 after 828; 0006R0
+    (505 views) 26.0 after 150, 28.1 after 410; on CamVid val the camvid preset peaked near 300
+    (docs/benchmarks.md). The cap also keeps ``stego segment`` fast on large folders."""
+    return int(min(MAX_STEPS, max(200, 13 * n_items // 16)))
 
 
 def _stage(number: int, text: str, progress: bool) -> None:
@@ -106,7 +130,23 @@ def _config(input_dir: Path, work: Path, s: SegmentSettings, n_items: int, skip_
     # Label-free choices: shifts calibrated on the data, clusters refit by k-means on the codes.
     lo.pos_intra_shift = lo.pos_inter_shift = lo.neg_inter_shift = "auto"
     t.kmeans_probe = True
+    if s.method == "cause":
+        _use_cause(config, s, n_items)
     return config
+
+
+def _use_cause(config: Any, s: SegmentSettings, n_items: int) -> None:
+    """CAUSE's settings (its defaults) in place of the STEGO loss's, which it does not use."""
+    from stego.config import LossConfig
+    from stego.models.registry import patch_size
+
+    config.model.method = "cause"
+    lo = config.loss = LossConfig()
+    # one patch per cell x cell block: keep at least 2 x 2 blocks on small feature grids
+    side = s.resolution // patch_size(s.backbone)
+    lo.cause_cell = 4 if side >= 8 else max(1, side // 2)
+    # no more concepts than sub-sampled patches in the folder (more could only be duplicates)
+    lo.cause_concepts = min(lo.cause_concepts, n_items * (side // lo.cause_cell) ** 2)
 
 
 def _contact_sheet(out: Path, max_images: int = 24, thumb: int = 160) -> Path | None:
@@ -157,8 +197,12 @@ def segment_folder(
     skip_bad: bool = False,
     progress: bool = True,
     verbose: bool = False,
+    method: str = "stego",
 ) -> dict[str, Any]:
     """Segment every image under ``input_dir`` into ``clusters`` kinds; outputs in ``out_dir``.
+
+    ``method``: "stego" (default) or "cause" (``model.method``: CAUSE's clusterbook and head,
+    its default settings; the rest of the run is the same).
 
     ``verbose``: also what the libraries print during training (hidden by default).
     ``resolution`` and ``batch_size`` default to the config's (:class:`stego.config.DataConfig`);
@@ -178,6 +222,8 @@ def segment_folder(
     input_dir, out = Path(input_dir).expanduser(), Path(out_dir).expanduser()
     if clusters < 2:
         raise StegoError(f"--clusters must be at least 2, got {clusters}")
+    if method not in ("stego", "cause"):
+        raise StegoError(f"--method must be stego or cause, got {method!r}")
     images = collect_images([input_dir], exclude=out)
     if len(images) < 2:
         raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
@@ -195,10 +241,12 @@ def segment_folder(
         layer=layer,
         resolution=res,
         steps=steps or choose_steps(n_items),
+        predict_side=PREDICT_SCALE * res,
         five_crop=use_five,
         crf=crf,
         seed=seed,
         batch_size=min(batch_size or defaults.batch_size, n_items),
+        method=method,
     )
     work = out / "work"
     timings: dict[str, float] = {}
@@ -216,7 +264,9 @@ def segment_folder(
     config = _config(input_dir, work, s, n_items, skip_bad)
     _stage(
         2,
-        f"features, neighbours, loss shifts from the data, {s.steps} training steps and "
+        f"features, neighbours, "
+        f"{'the CAUSE clusterbook' if method == 'cause' else 'loss shifts from the data'}, "
+        f"{s.steps} training steps and "
         f"the k-means cluster fit ({s.backbone}, {n_items} views)",
         progress,
     )
@@ -227,14 +277,23 @@ def segment_folder(
             shutil.rmtree(run)  # stopped before its first checkpoint: nothing worth keeping
         train(config, run, resume=last.is_file(), progress=progress, verbose=verbose)
     resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
-    s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}
+    if method == "stego":
+        s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}
     model = load(run / "model")
     save_pretrained(
         model, out / "model", train_config=yaml.safe_load((run / "config.yaml").read_text())
     )
     timings["train"] = time.perf_counter() - start - sum(timings.values())
     _stage(3, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
-    result = predict_paths(model, [input_dir], out, crf=crf, skip_bad=skip_bad, progress=progress)
+    result = predict_paths(
+        model,
+        [input_dir],
+        out,
+        crf=crf,
+        skip_bad=skip_bad,
+        progress=progress,
+        max_side=s.predict_side,
+    )
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
     sheet = _contact_sheet(out)
     summary = {

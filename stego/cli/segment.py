@@ -1,4 +1,4 @@
-"""``stego segment DIR --clusters K --out OUT``: the main job, on a folder of unlabeled images."""
+"""``stego segment DIR --clusters K [--out OUT]``: the main job, on a folder of unlabeled images."""
 
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="how many kinds of things to find (e.g. 5-30)",
     )
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: ./NAME-segments in the current folder, NAME = the "
+        "input folder's name)",
+    )
     parser.add_argument(
         "--backbone",
         default=None,
@@ -59,6 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="sharpen predictions with a dense CRF (slower; needs stego-seg[crf])",
     )
+    parser.add_argument(
+        "--method",
+        choices=("stego", "cause"),
+        default="stego",
+        help="training method: stego (default) or cause (CAUSE: a concept clusterbook, then a "
+        "head trained against its EMA teacher)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (results are repeatable)")
     parser.add_argument(
         "--skip-bad",
@@ -73,12 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stego.segment import segment_folder
+    from stego.segment import default_out_dir, segment_folder
 
     five = {"auto": None, "yes": True, "no": False}[args.five_crop]
     summary = segment_folder(
         args.input,
-        args.out,
+        args.out or default_out_dir(args.input),
         clusters=args.clusters,
         backbone=args.backbone,
         layer=args.layer,
@@ -90,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         progress=not args.quiet,
         verbose=args.verbose,
+        method=args.method,
     )
     out = summary["outputs"]
     print(f"segmented {summary['n_images']} images in {summary['total_seconds']:.0f} s")

@@ -1,4 +1,5 @@
-"""``stego train``: train the segmentation head and probes (STEGO's loss on frozen features).
+"""``stego train``: train the segmentation head and probes on frozen features (STEGO's loss, or
+CAUSE's clusterbook and contrastive loss with ``--method cause``).
 
 Settings merge as: package defaults <- --preset <- --config FILE <- --set k=v <- explicit flags.
 The resolved config is written to RUN_DIR/config.yaml and stored in every checkpoint.
@@ -27,6 +28,7 @@ _SHORTCUTS = (
     ("cache_dir", "data.cache_dir"),
     ("split", "data.split"),
     ("backbone", "model.backbone"),
+    ("method", "model.method"),
     ("weights", "model.weights"),
     ("steps", "train.steps"),
     ("devices", "train.devices"),
@@ -74,6 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="frozen backbone registry name (e.g. dino-vitb8, dinov2-vits14); the "
         "loss shifts depend on it, so retune them when changing it",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("stego", "cause"),
+        default=None,
+        help="training method (= --set model.method=...): stego (default, the paper's) or "
+        "cause (CAUSE: a concept clusterbook fitted by modularity, then a head trained "
+        "against its EMA teacher; settings loss.cause_* and train.cause_*)",
     )
     parser.add_argument(
         "--weights",

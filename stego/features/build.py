@@ -10,6 +10,10 @@ first use) all come here, so they agree on
   ``features/`` (:class:`~stego.features.cache.FeatureCache`) and ``neighbors_k<k>.safetensors``;
 * how it is made: one backbone pass (:meth:`FeatureCache.build`, whose global features also feed
   the table) and one top-k (:func:`build_neighbor_table`).
+
+CAUSE's clusterbook (:mod:`stego.features.clusterbook`) is fitted from the same features and kept
+in the same folder: :func:`clusterbook` opens it, or fits it when missing or stale. One module
+(~450 lines) because every artefact of a split is opened or built here, by the same rules.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ __all__ = [
     "sibling_groups",
     "build_neighbor_table",
     "neighbor_table",
+    "clusterbook",
 ]
 
 
@@ -381,3 +386,67 @@ def neighbor_table(
             f"neighbour table {path} has {table.k} column(s); the split needs at least 2 images"
         )
     return table.indices
+
+
+# --------------------------------------------------------------------------- CAUSE clusterbook
+def clusterbook(
+    feats: Any,
+    indices: list[int],
+    fingerprint: Mapping[str, Any],
+    folder: Path,
+    settings: Any,
+    *,
+    progress: bool,
+    log: Any = print,
+) -> Any:
+    """The :class:`~stego.features.clusterbook.Clusterbook` of ``settings`` fitted on
+    ``feats[i]`` (C, h, w), i in ``indices`` (features with ``fingerprint``), kept as
+    ``folder/clusterbook.safetensors``: reused when its fingerprint matches, else fitted (a
+    stale one is replaced, ``log`` saying what changed). Live concepts are counted once, at fit
+    time, and stored with it. DDP ranks fit it once (file lock)."""
+    from stego.atomic import file_lock
+    from stego.features.clusterbook import (
+        CLUSTERBOOK_FILE,
+        Clusterbook,
+        clusterbook_fingerprint,
+        count_live,
+        fingerprint_changes,
+        fit_clusterbook,
+        read_clusterbook,
+        write_clusterbook,
+    )
+
+    expected = clusterbook_fingerprint(dict(fingerprint), settings, indices)
+    path = folder / CLUSTERBOOK_FILE
+    partial = folder / "clusterbook.partial.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_name(path.name + ".build-lock")):
+        if path.is_file():
+            book = read_clusterbook(path)
+            changes = fingerprint_changes(expected, book.fingerprint)
+            if not changes:
+                if progress:
+                    print(f"clusterbook: reusing {path} ({book.live} live concepts)")
+                return book
+            if log is not None:
+                log(f"clusterbook {path} is stale ({'; '.join(changes)}): refitting it")
+            partial.unlink(missing_ok=True)
+        stamp = partial.with_name(partial.name + ".json")
+        if partial.is_file() and (
+            not stamp.is_file() or json.loads(stamp.read_text()) != expected
+        ):
+            partial.unlink(missing_ok=True)  # an unfinished fit of other settings
+        if not partial.is_file():
+            from stego.atomic import atomic_write
+
+            with atomic_write(stamp, "w") as handle:
+                json.dump(expected, handle, sort_keys=True)
+        concepts = fit_clusterbook(feats, indices, settings, partial=partial, progress=progress)
+        live = count_live(concepts, feats, indices, seed=settings.seed)
+        book = Clusterbook(concepts, live, expected)
+        write_clusterbook(path, book)
+        partial.unlink(missing_ok=True)
+        stamp.unlink(missing_ok=True)
+        if progress:
+            print(f"clusterbook: {settings.n_concepts} concepts fitted, {live} live, in {path}")
+    return book

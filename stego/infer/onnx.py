@@ -4,8 +4,9 @@ Two graphs:
 
 - head only (default): input ``features`` (B, C, h, w), the frozen backbone's patch features;
   outputs ``code`` (B, D, h, w) and ``cluster_log_probs`` (B, K, h, w) =
-  ``log_softmax(alpha * cosine(code, centroids))``. Batch and spatial axes are dynamic. Use it
-  when the backbone runs elsewhere (another runtime, a feature cache).
+  ``log_softmax(alpha * cosine(code, centroids))``. Batch and spatial axes are dynamic (CAUSE's
+  TR head: batch only, its positional embedding is resized for the exported feature size). Use
+  it when the backbone runs elsewhere (another runtime, a feature cache).
 - with backbone: input ``images`` (B, 3, H, W) RGB in [0, 1] (not normalised); outputs ``code``
   (B, D, H/p', W/p') and ``cluster_log_probs`` (B, K, H, W), the same numbers as
   ``Segmenter.forward(images, flip=flip)``. H and W are fixed at export (the position
@@ -146,6 +147,8 @@ def export_onnx(
     else:
         graph = HeadGraph(model).eval()
         name, dynamic = "features", {0: "batch", 2: "height", 3: "width"}
+        if getattr(model.head, "kind", None) == "tr":  # CAUSE-TR: positions sized at export
+            dynamic = {0: "batch"}
         h, w = max(1, height // patch), max(1, width // patch)
         shape = (int(model.head.in_dim), h, w)
     example = torch.rand(1, *shape, generator=generator)

@@ -4,6 +4,8 @@ Shapes: ``B`` batch, ``N = h * w`` patches in row-major order, ``C`` backbone ch
 head output channels, ``K`` concepts. The heads work on patch rows (B, N, C); ``forward_map``
 wraps them for feature maps (B, C, h, w). Both read the original checkpoints through
 :func:`load_original_state_dict` (1x1 convolutions become linear layers).
+:class:`CauseCodeHead` gives either the interface of STEGO's head, so the segmenter, the trainer's
+probes and the ONNX export use a CAUSE model unchanged.
 """
 
 from __future__ import annotations
@@ -15,8 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stego.errors import StegoError
+from stego.models.heads import HeadOutput
 
-__all__ = ["CauseMLPHead", "CauseTRHead", "load_original_state_dict", "original_key_map"]
+__all__ = [
+    "CAUSE_HEAD_KINDS",
+    "CauseCodeHead",
+    "CauseMLPHead",
+    "CauseTRHead",
+    "load_original_state_dict",
+    "original_key_map",
+]
+
+CAUSE_HEAD_KINDS: tuple[str, ...] = ("mlp", "tr")
 
 
 class _Projection(nn.Module):
@@ -152,6 +164,61 @@ class CauseTRHead(nn.Module):
         """feat (B, C, h, w), concepts (K, C) -> (B, out_dim, h, w)."""
         rows, grid = _to_rows(feat)
         return _to_map(self(rows, concepts, grid=grid), grid)
+
+
+class CauseCodeHead(nn.Module):
+    """A CAUSE head with the interface of :class:`stego.models.heads.SegmentationHead`.
+
+    forward(feat (B, C, h, w)) -> HeadOutput(code (B, D, h, w), feat_for_loss = feat). ``kind``
+    "mlp" wraps :class:`CauseMLPHead`; "tr" wraps :class:`CauseTRHead` (``n_positions`` = the
+    training grid's h * w) and keeps the clusterbook as the buffer ``concepts`` (K, C), which
+    its queries need at inference. Dropout (training mode only) draws from the global RNG:
+    callers that need exact replays seed it around the call.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        in_dim: int,
+        code_dim: int,
+        *,
+        n_concepts: int | None = None,
+        n_positions: int | None = None,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if kind not in CAUSE_HEAD_KINDS:
+            raise StegoError(f"unknown CAUSE head kind {kind!r}; use 'mlp' or 'tr'")
+        self.kind, self.in_dim, self.out_dim = kind, int(in_dim), int(code_dim)
+        self.net: nn.Module
+        if kind == "mlp":
+            self.net = CauseMLPHead(in_dim, code_dim, dropout)
+            return
+        if not n_concepts or not n_positions:
+            raise StegoError("a CAUSE TR head needs n_concepts and n_positions")
+        self.net = CauseTRHead(in_dim, code_dim, n_positions, dropout=dropout)
+        self.register_buffer("concepts", torch.zeros(n_concepts, in_dim))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, in_dim={self.in_dim}, out_dim={self.out_dim}"
+
+    def rows(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """Patch rows x (B, N, C) -> (B, N, D); ``grid`` (h, w) for the TR head's positions."""
+        if self.kind == "mlp":
+            return self.net(x)
+        return self.net(x, self.concepts, grid=grid)
+
+    def forward(self, feat: Tensor, *, generator: torch.Generator | None = None) -> HeadOutput:
+        """feat (B, C, h, w) -> HeadOutput(code (B, D, h, w), feat_for_loss = feat).
+
+        ``generator`` is accepted for the SegmentationHead interface and not used.
+        """
+        if feat.dim() != 4 or feat.shape[1] != self.in_dim:
+            raise StegoError(
+                f"CauseCodeHead expects features (B, {self.in_dim}, h, w), got {tuple(feat.shape)}"
+            )
+        rows, grid = _to_rows(feat)
+        return HeadOutput(code=_to_map(self.rows(rows, grid), grid), feat_for_loss=feat)
 
 
 # --------------------------------------------------------------------------- original weights

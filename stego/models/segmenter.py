@@ -68,12 +68,26 @@ class SegmenterMeta:
         n_classes: int | None,
         backbone_digest: str = "",
     ) -> SegmenterMeta:
-        """The metadata of a model trained with ``config`` on the dataset described by ``info``."""
+        """The metadata of a model trained with ``config`` on the dataset described by ``info``.
+
+        A CAUSE model (``model.method: cause``) has ``head_kind`` "cause-mlp" / "cause-tr" and
+        its head's sizes in ``extra``: ``n_concepts`` (TR: the clusterbook it keeps) and
+        ``n_positions`` (TR: the training grid's patch count).
+        """
         m = config.model
+        head_kind, extra = m.head, {}
+        if m.method == "cause":
+            head_kind = f"cause-{m.cause_head}"
+            if m.cause_head == "tr":
+                from stego.models.registry import patch_size
+
+                side = config.data.resolution // patch_size(m.backbone)
+                extra = {"n_concepts": config.loss.cause_concepts, "n_positions": side * side}
         return cls(
             backbone=m.backbone,
             backbone_layer=m.layer,
-            head_kind=m.head,
+            head_kind=head_kind,
+            extra=extra,
             code_dim=code_dim,
             n_clusters=n_clusters,
             n_classes=n_classes,
@@ -355,7 +369,7 @@ def build_segmenter(
             layer=meta.backbone_layer,
             pretrained=backbone_pretrained,
         )
-    head = SegmentationHead(backbone.embed_dim, meta.code_dim, kind=meta.head_kind)
+    head = _build_head(meta, backbone.embed_dim)
     cluster = ClusterProbe(head.out_dim, meta.n_clusters)
     has_linear = state is None or any(k.startswith("linear_probe.") for k in state)
     linear = LinearProbe(head.out_dim, meta.n_classes) if meta.n_classes and has_linear else None
@@ -365,6 +379,21 @@ def build_segmenter(
             model, state, source, backbone_included=any(k.startswith("backbone.") for k in state)
         )
     return model
+
+
+def _build_head(meta: SegmenterMeta, in_dim: int) -> nn.Module:
+    """STEGO's head of ``meta.head_kind``, or a CAUSE head for "cause-mlp" / "cause-tr"."""
+    if meta.head_kind.startswith("cause-"):
+        from stego.models.cause_heads import CauseCodeHead
+
+        return CauseCodeHead(
+            meta.head_kind.removeprefix("cause-"),
+            in_dim,
+            meta.code_dim,
+            n_concepts=meta.extra.get("n_concepts"),
+            n_positions=meta.extra.get("n_positions"),
+        )
+    return SegmentationHead(in_dim, meta.code_dim, kind=meta.head_kind)
 
 
 def _load_state(

@@ -21,7 +21,7 @@ from stego.errors import StegoError
 from stego.eval.metrics import UnsupervisedMetrics
 from stego.train.pairs import mix_seed
 
-__all__ = ["StegoModule", "build_module", "step_generator"]
+__all__ = ["StegoModule", "build_stego_module", "n_clusters_of", "step_generator"]
 
 _COORDS, _PERMS, _DROPOUT = 1, 2, 3  # stream ids of the per-step generators
 
@@ -251,19 +251,27 @@ class StegoModule(L.LightningModule):
         log_figure(list(self.loggers), "val/predictions", fig, step)
 
 
-def build_module(
+def n_clusters_of(config: StegoConfig, n_classes: int | None) -> int:
+    """model.n_clusters, or the dataset's class count + model.extra_clusters (either method)."""
+    m = config.model
+    n = m.n_clusters or ((n_classes or 0) + m.extra_clusters)
+    if n < 1:
+        raise StegoError(f"dataset {config.data.dataset} has no class count; set model.n_clusters")
+    return n
+
+
+def build_stego_module(
     config: StegoConfig, backbone: Any, n_classes: int | None, palette: Any = None
 ) -> StegoModule:
-    """The StegoModule of ``config`` (the one place that reads model/loss settings)."""
+    """The StegoModule of ``config`` (``model.method: stego``; the one place that reads the
+    STEGO model/loss settings). :func:`stego.train.trainer.build_module` dispatches here."""
     from stego.losses import StegoLoss
     from stego.models.heads import SegmentationHead
     from stego.models.probes import ClusterProbe, LinearProbe
 
     m, lo, t = config.model, config.loss, config.train
     head = SegmentationHead(backbone.embed_dim, m.code_dim, m.head, m.dropout)
-    n_clusters = m.n_clusters or ((n_classes or 0) + m.extra_clusters)
-    if n_clusters < 1:
-        raise StegoError(f"dataset {config.data.dataset} has no class count; set model.n_clusters")
+    n_clusters = n_clusters_of(config, n_classes)
     loss = StegoLoss(
         shifts=(lo.pos_intra_shift, lo.pos_inter_shift, lo.neg_inter_shift),
         weights=(lo.pos_intra_weight, lo.pos_inter_weight, lo.neg_inter_weight),

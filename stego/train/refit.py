@@ -3,6 +3,7 @@ refit and the saved inference model after it.
 
 * :func:`auto_shifts`: ``loss.*_shift: auto`` calibrated on the training split (feature
   cache or live backbone), or taken from the run being resumed;
+* :func:`cause_clusterbook`: CAUSE's concepts, fitted on the training split (or reused);
 * :func:`kmeans_probe`: ``train.kmeans_probe`` refits the cluster centroids on training codes;
 * :func:`save_model`: backbone + head + probes as a :class:`stego.models.segmenter.Segmenter`
   folder (``model/``), with :meth:`SegmenterMeta.from_config` describing it.
@@ -22,7 +23,7 @@ from stego.train.datamodule import StegoDataModule
 from stego.train.module import StegoModule
 from stego.train.pairs import CachedPairDataset
 
-__all__ = ["auto_shifts", "kmeans_probe", "save_model"]
+__all__ = ["auto_shifts", "cause_clusterbook", "kmeans_probe", "save_model"]
 
 
 def auto_shifts(
@@ -54,6 +55,43 @@ def auto_shifts(
     if n_clusters < 2:
         raise StegoError("loss shifts 'auto' need a cluster count >= 2; set model.n_clusters")
     resolve_auto_shifts(config, feats, torch.as_tensor(nbrs), n_clusters, saved=saved, log=log)
+
+
+def cause_clusterbook(
+    config: StegoConfig, data: StegoDataModule, backbone: Any, n_clusters: int, progress: bool,
+    log: Any,
+) -> torch.Tensor:
+    """The CAUSE clusterbook (K, C) of the run's training items (held-out images excluded),
+    from the feature cache or the live backbone, kept beside the cache
+    (:func:`stego.features.build.clusterbook`); ``log`` warns when it has fewer than
+    2 x ``n_clusters`` live concepts."""
+    from stego.device import accelerator_device
+    from stego.features.build import SplitSpec, clusterbook, split_fingerprint
+    from stego.features.calibration import LiveFeatures
+    from stego.features.clusterbook import ClusterbookSettings, live_warning
+    from stego.features.fingerprint import artifact_dir
+
+    pairs: Any = data.train_pairs
+    if isinstance(pairs, CachedPairDataset):
+        cache = pairs.cached.cache
+        feats, fp, folder = cache, cache.fingerprint, cache.root.parent
+    else:
+        spec = SplitSpec.from_config(config)
+        feats = LiveFeatures(backbone, pairs.dataset, accelerator_device(config.train.accelerator))
+        fp = split_fingerprint(backbone, pairs.dataset, spec)
+        folder = artifact_dir(spec.data_root, fp, spec.cache_dir)
+    settings = ClusterbookSettings.from_config(config)
+    book = clusterbook(
+        feats, list(data.train_indices), fp, folder, settings, progress=progress, log=log
+    )
+    warning = live_warning(book.live, n_clusters, settings)
+    if warning is not None and log is not None:
+        log(warning)
+    elif warning is not None:
+        import warnings
+
+        warnings.warn(warning, stacklevel=2)
+    return book.concepts
 
 
 @torch.no_grad()

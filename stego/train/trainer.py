@@ -4,8 +4,10 @@ The pieces live beside it: :mod:`stego.train.module` (the LightningModule and it
 :mod:`stego.train.datamodule` (pairs, samplers, feature cache and neighbour table),
 :mod:`stego.train.checkpoints` (atomic checkpoints, resume policy), :mod:`stego.train.refit`
 (auto shifts, k-means probe refit, the saved model) and :mod:`stego.train.console` (what is
-shown). ``StegoModule``, ``StegoDataModule``, ``AtomicCheckpointIO`` and ``build_module`` are
-re-exported here: code written for ``stego.training`` imports them from this module.
+shown). :func:`build_module` picks the LightningModule of ``model.method``
+(:mod:`stego.train.cause_module` for CAUSE). ``StegoModule``, ``StegoDataModule`` and
+``AtomicCheckpointIO`` are re-exported here: code written for ``stego.training`` imports them
+from this module.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import lightning as L
 
 from stego.config import StegoConfig
 from stego.device import cuda_available
+from stego.errors import StegoError
 from stego.train.checkpoints import AtomicCheckpointIO, check_out_dir, remove_stray_temps
 from stego.train.datamodule import StegoDataModule, build_datamodule
-from stego.train.module import StegoModule, build_module
-from stego.train.refit import auto_shifts, kmeans_probe, save_model
+from stego.train.module import StegoModule, build_stego_module, n_clusters_of
+from stego.train.refit import auto_shifts, cause_clusterbook, kmeans_probe, save_model
 
 __all__ = [
     "StegoModule",
@@ -28,9 +31,31 @@ __all__ = [
     "AtomicCheckpointIO",
     "build_module",
     "build_trainer",
+    "n_clusters_of",
     "env_rank",
     "train",
 ]
+
+
+def build_module(
+    config: StegoConfig,
+    backbone: Any,
+    n_classes: int | None,
+    palette: Any = None,
+    *,
+    concepts: Any = None,
+) -> L.LightningModule:
+    """The LightningModule of ``config.model.method``: a :class:`StegoModule`, or a
+    :class:`stego.train.cause_module.CauseModule` on the clusterbook ``concepts`` (K, C)."""
+    if config.model.method == "stego":
+        return build_stego_module(config, backbone, n_classes, palette)
+    from stego.train.cause_module import build_cause_module
+
+    if concepts is None:
+        raise StegoError("model.method cause needs the clusterbook: pass concepts=")
+    return build_cause_module(
+        config, backbone, n_clusters_of(config, n_classes), n_classes, concepts, palette
+    )
 
 
 def env_rank() -> int:
@@ -113,7 +138,8 @@ def train(
     progress: bool = True,
     verbose: bool = False,
 ) -> Path:
-    """Train a STEGO head and probes as ``config`` says; outputs go to ``out_dir``.
+    """Train a head and probes as ``config`` says (``model.method``: STEGO's loss, or CAUSE's
+    clusterbook, fitted or reused first, and contrastive loss); outputs go to ``out_dir``.
 
     Writes ``config.yaml``, ``checkpoints/`` (``last.ckpt``, one every
     ``train.checkpoint_every`` steps, ``best.ckpt`` by validation cluster mIoU), ``logs/``
@@ -155,10 +181,15 @@ def _train(
         out_dir if resume else None,
         log=say,
     )
+    concepts = None
+    if config.model.method == "cause":
+        n_clusters = n_clusters_of(config, info.n_classes)
+        concepts = cause_clusterbook(config, data, backbone, n_clusters, progress and rank0, say)
     # Reseed: building a table or cache draws from the global RNG, the initial weights must not
     # depend on whether it was built in this run.
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    module = build_module(config, backbone, info.n_classes, info.palette.tolist() or None)
+    palette = info.palette.tolist() or None
+    module = build_module(config, backbone, info.n_classes, palette, concepts=concepts)
     if rank0:
         config.save(out_dir / "config.yaml")
         remove_stray_temps(out_dir)
