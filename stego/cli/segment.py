@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--layer",
         type=int,
         default=None,
-        help="backbone block to read features from (default: last; 8 for the "
+        help="backbone block to read features from (default: last; 10 for the "
         "offline DINOv2, which segments better from its middle blocks)",
     )
     parser.add_argument(
