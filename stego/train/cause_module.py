@@ -34,7 +34,7 @@ from stego.losses.cause import (
     grid_subsample,
     nearest_concept,
 )
-from stego.train.module import StegoModule, step_generator
+from stego.train.module import StegoModule, common_module_args, step_generator
 from stego.train.pairs import mix_seed
 
 __all__ = ["CauseModule", "build_cause_module"]
@@ -266,7 +266,6 @@ def build_cause_module(
     """The CauseModule of ``config`` (model.cause_head, loss.cause_*, train.cause_*) on the
     clusterbook ``concepts`` (K, C)."""
     from stego.models.cause_heads import CauseCodeHead
-    from stego.models.probes import ClusterProbe, LinearProbe
 
     m, lo, t = config.model, config.loss, config.train
     if concepts.shape != (lo.cause_concepts, backbone.embed_dim):
@@ -291,7 +290,6 @@ def build_cause_module(
 
     student = head()
     teacher = head()
-    metrics_ok = n_classes is not None and n_clusters == n_classes + m.extra_clusters
     return CauseModule(
         student=student,
         teacher=teacher,
@@ -307,17 +305,6 @@ def build_cause_module(
         momentum=t.cause_momentum,
         weight_decay=t.cause_weight_decay,
         grad_clip=t.cause_grad_clip,
-        cluster_probe=ClusterProbe(m.code_dim, n_clusters),
-        linear_probe=LinearProbe(m.code_dim, n_classes) if n_classes else None,
-        backbone=backbone,
         lr=t.cause_lr,
-        probe_lr=t.probe_lr,
-        seed=t.seed,
-        global_batch=config.data.batch_size,
-        n_classes=n_classes if metrics_ok else None,
-        extra_clusters=m.extra_clusters,
-        figure_every=t.figure_every,
-        palette=palette,
-        run_config=config.to_dict(),
-        linear_probe_upsample=t.linear_probe_upsample,
+        **common_module_args(config, backbone, n_classes, n_clusters, m.code_dim, palette),
     )

@@ -21,7 +21,13 @@ from stego.errors import StegoError
 from stego.eval.metrics import UnsupervisedMetrics
 from stego.train.pairs import mix_seed
 
-__all__ = ["StegoModule", "build_stego_module", "n_clusters_of", "step_generator"]
+__all__ = [
+    "StegoModule",
+    "build_stego_module",
+    "common_module_args",
+    "n_clusters_of",
+    "step_generator",
+]
 
 _COORDS, _PERMS, _DROPOUT = 1, 2, 3  # stream ids of the per-step generators
 
@@ -267,7 +273,6 @@ def build_stego_module(
     STEGO model/loss settings). :func:`stego.train.trainer.build_module` dispatches here."""
     from stego.losses import StegoLoss
     from stego.models.heads import SegmentationHead
-    from stego.models.probes import ClusterProbe, LinearProbe
 
     m, lo, t = config.model, config.loss, config.train
     head = SegmentationHead(backbone.embed_dim, m.code_dim, m.head, m.dropout)
@@ -282,21 +287,40 @@ def build_stego_module(
         stabilize=lo.stabilize,
         derangement=lo.derangement,
     )
-    metrics_ok = n_classes is not None and n_clusters == n_classes + m.extra_clusters
     return StegoModule(
         head=head,
         loss=loss,
-        cluster_probe=ClusterProbe(head.out_dim, n_clusters),
-        linear_probe=LinearProbe(head.out_dim, n_classes) if n_classes else None,
-        backbone=backbone,
         lr=t.lr,
-        probe_lr=t.probe_lr,
-        seed=t.seed,
-        global_batch=config.data.batch_size,
-        n_classes=n_classes if metrics_ok else None,
-        extra_clusters=m.extra_clusters,
-        figure_every=t.figure_every,
-        palette=palette,
-        run_config=config.to_dict(),
-        linear_probe_upsample=t.linear_probe_upsample,
+        **common_module_args(config, backbone, n_classes, n_clusters, head.out_dim, palette),
     )
+
+
+def common_module_args(
+    config: StegoConfig,
+    backbone: Any,
+    n_classes: int | None,
+    n_clusters: int,
+    code_dim: int,
+    palette: Any = None,
+) -> dict[str, Any]:
+    """The :class:`StegoModule` arguments both methods share: probes on ``code_dim`` channels,
+    backbone, seed, batch, validation metrics (only when the cluster count fits the classes),
+    figures and the run config."""
+    from stego.models.probes import ClusterProbe, LinearProbe
+
+    m, t = config.model, config.train
+    metrics_ok = n_classes is not None and n_clusters == n_classes + m.extra_clusters
+    return {
+        "cluster_probe": ClusterProbe(code_dim, n_clusters),
+        "linear_probe": LinearProbe(code_dim, n_classes) if n_classes else None,
+        "backbone": backbone,
+        "probe_lr": t.probe_lr,
+        "seed": t.seed,
+        "global_batch": config.data.batch_size,
+        "n_classes": n_classes if metrics_ok else None,
+        "extra_clusters": m.extra_clusters,
+        "figure_every": t.figure_every,
+        "palette": palette,
+        "run_config": config.to_dict(),
+        "linear_probe_upsample": t.linear_probe_upsample,
+    }
