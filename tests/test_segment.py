@@ -140,6 +140,81 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 2 and "\n" not in err and "missing" in err
 
 
+def test_clusters_are_refit_on_the_codes_prediction_sees(
+    segmented: tuple[Path, Path, dict],
+) -> None:
+    """The saved centroids are spherical k-means (10 restarts, seed 0) of the flip-averaged codes
+    of the folder's whole images at the prediction size (here all 4 images, under
+    PROBE_FIT_IMAGES), in the folder's order; the codes are recomputed here from the model's
+    full forward pass, not from `encode_paths`."""
+    import torch
+
+    import stego
+    from stego.infer.predict import collect_images
+    from stego.models.probes import spherical_kmeans
+
+    images, out, _ = segmented
+    model = stego.load(out / "model")
+    rows = []
+    for source, _ in collect_images([images]):
+        rgb = np.array(Image.open(source).convert("RGB"))  # (48, 64, 3): below predict_side
+        batch = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+        code = model(batch, flip=True).code[0]  # (D, h, w) on the padded grid
+        rows.append(code.flatten(1).T)
+    rows = torch.cat(rows)  # (N, D)
+    assert model.meta.extra["cluster_fit"]["codes"] == rows.shape[0]
+    want = spherical_kmeans(rows, 2, n_restarts=10, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.cluster_probe.clusters, want.centroids)
+
+
+def test_rerun_with_other_settings_is_refused(segmented: tuple[Path, Path, dict]) -> None:
+    """The same --out with another --clusters would reuse a model fit for 2 clusters: refused,
+    naming the setting, and nothing in OUT is touched."""
+    images, out, _ = segmented
+    before = (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(StegoError, match="n_clusters: 2 -> 3"):
+        segment_folder(
+            images, out, clusters=3, backbone="tiny-vit", steps=4, resolution=32, progress=False
+        )
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_encode_paths_names_a_bad_image_or_skips_it(tmp_path: Path) -> None:
+    from stego.infer.predict import encode_paths
+    from tests.test_prediction import tiny_segmenter
+
+    _write_images(tmp_path / "imgs", n=2)
+    bad = tmp_path / "imgs" / "broken.png"
+    bad.write_bytes(b"not a png")
+    model = tiny_segmenter()
+    good = [tmp_path / "imgs" / "img0.png"]
+    with pytest.raises(StegoError, match="broken.png"):
+        encode_paths(model, [*good, bad])
+    found = encode_paths(model, [*good, bad], skip_bad=True)
+    assert [e.path for e in found] == good
+    assert found[0].size == (48, 64) and found[0].found.code.dim() == 4  # (1, D, h, w)
+
+
+def test_predict_from_encoded_codes_writes_the_same_labels(tmp_path: Path) -> None:
+    """Images whose codes `encode_paths` computed are labelled from them: same label files as a
+    plain prediction, for a folder where only some images come with codes."""
+    from stego.infer.predict import encode_paths, predict_paths
+    from tests.test_prediction import tiny_segmenter
+
+    _write_images(tmp_path / "imgs", n=4, size=(70, 50))
+    model = tiny_segmenter()
+    some = [tmp_path / "imgs" / "img0.png", tmp_path / "imgs" / "nested" / "img1.jpg"]
+    found = encode_paths(model, some, max_side=40)
+    plain = predict_paths(model, [tmp_path / "imgs"], tmp_path / "a", progress=False, max_side=40)
+    reused = predict_paths(
+        model, [tmp_path / "imgs"], tmp_path / "b", progress=False, max_side=40, encoded=found
+    )
+    assert len(plain.written) == len(reused.written) == 4
+    for label in sorted((tmp_path / "a" / "labels").rglob("*.png")):
+        twin = tmp_path / "b" / label.relative_to(tmp_path / "a")
+        np.testing.assert_array_equal(np.asarray(Image.open(label)), np.asarray(Image.open(twin)))
+
+
 def test_large_photos_are_predicted_at_twice_the_training_scale(tmp_path: Path) -> None:
     """A photo whose shorter side exceeds 2 x the training resolution is fed to the network
     downscaled to that side (antialiased bilinear) and its labels come back at full size."""

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +35,18 @@ from stego.atomic import atomic_write
 from stego.errors import StegoError
 from stego.viz import default_palette, overlay
 
-__all__ = ["PredictSummary", "collect_images", "predict_paths", "read_image_rgb", "legend"]
+if TYPE_CHECKING:
+    from stego.models.segmenter import PaddedCode
+
+__all__ = [
+    "PredictSummary",
+    "collect_images",
+    "EncodedImage",
+    "encode_paths",
+    "predict_paths",
+    "read_image_rgb",
+    "legend",
+]
 
 
 @dataclass
@@ -224,18 +235,63 @@ def _network_size(height: int, width: int, max_side: int | None) -> tuple[int, i
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def _network_input(images: Tensor, max_side: int | None) -> Tensor:
+    """Images (B, 3, H, W) resized (antialiased) to :func:`_network_size`, or as they are."""
+    height, width = images.shape[-2:]
+    small = _network_size(height, width, max_side)
+    if small == (height, width):
+        return images
+    return F.interpolate(images, size=small, mode="bilinear", align_corners=False, antialias=True)
+
+
+class EncodedImage(NamedTuple):
+    """One image's codes as prediction computes them (:func:`encode_paths`)."""
+
+    path: Path
+    size: tuple[int, int]  # (H, W) of the image itself
+    found: PaddedCode  # batch of one, at the network size
+
+
+@torch.no_grad()
+def encode_paths(
+    model: Any,
+    paths: Sequence[str | Path],
+    *,
+    max_side: int | None = 1024,
+    flip: bool = True,
+    device: str | torch.device = "cpu",
+    skip_bad: bool = False,
+) -> list[EncodedImage]:
+    """The codes :func:`predict_paths` computes for these images before the probes (same network
+    size, padding and flip average), one entry per readable image; pass them back to
+    :func:`predict_paths` (``encoded``) to label those images without a second backbone pass.
+
+    An unreadable image raises :class:`StegoError` naming the file, or is left out with
+    ``skip_bad``.
+    """
+    model = model.to(device).eval()
+    found = []
+    for path in map(Path, paths):
+        try:
+            array = read_image_rgb(path)
+        except StegoError:
+            if skip_bad:
+                continue
+            raise
+        image = torch.from_numpy(array).to(device).permute(2, 0, 1)[None].float() / 255.0
+        with torch.inference_mode():
+            codes = model.encode_any(_network_input(image, max_side), flip=flip)
+        found.append(EncodedImage(path, (array.shape[0], array.shape[1]), codes))
+    return found
+
+
 def _maps(
     model: Any, images: Tensor, *, flip: bool, probe: str, max_side: int | None, crf: bool
 ) -> Tensor:
     """For images (B, 3, H, W) in [0, 1], at their own size: log-probabilities (B, K, H, W) when
     the CRF needs them, else ids (B, H, W) (the same argmax, computed more cheaply)."""
     height, width = images.shape[-2:]
-    small = _network_size(height, width, max_side)
-    net_in = images
-    if small != (height, width):
-        net_in = F.interpolate(
-            images, size=small, mode="bilinear", align_corners=False, antialias=True
-        )
+    net_in = _network_input(images, max_side)
     if not crf:
         return model.predict(net_in, flip=flip, size=(height, width), probe=probe)
     out = model(net_in, flip=flip, size=(height, width))
@@ -301,13 +357,16 @@ def predict_paths(
     probe: str = "cluster",
     max_side: int | None = 1024,
     num_workers: int = 2,
+    encoded: Sequence[EncodedImage] = (),
 ) -> PredictSummary:
     """Predict every image of ``inputs`` (files / folders) into ``out_dir`` (see module doc).
 
     ``model`` is a :class:`stego.models.segmenter.Segmenter`. Images are read ahead by
     ``num_workers`` processes; consecutive images of one size are batched (``batch_size``),
     others run alone.
-    ``max_side`` bounds the shorter side fed to the network (None: native size). Bad images
+    ``max_side`` bounds the shorter side fed to the network (None: native size). ``encoded``:
+    codes already computed by :func:`encode_paths` (same ``max_side`` and ``flip``); those
+    images are labelled from them without the backbone (without CRF only). Bad images
     raise :class:`StegoError` naming the file, or with ``skip_bad`` are listed in the summary
     and ``skipped.txt``. Outputs that already exist are not recomputed.
     """
@@ -327,6 +386,9 @@ def predict_paths(
     with atomic_write(out_dir / "clusters.json", "w") as handle:
         json.dump({"probe": probe, "ids": entries}, handle, indent=2)
     model = model.to(device).eval()
+    total = len(todo)
+    if encoded and not crf:
+        todo = _write_encoded(model, encoded, todo, summary, colours, probe)
     # CRF inputs wait here until enough images gather to keep every worker busy (bounded memory)
     crf_queue: list[tuple[int, np.ndarray, Tensor]] = []
     crf_chunk = max(batch_size, 2 * (crf_workers or 1))
@@ -352,7 +414,7 @@ def predict_paths(
             _finish(summary, todo, ready, colours, crf=False, crf_workers=crf_workers)
         if progress:
             done = len(summary.written) + len(summary.skipped)
-            print(f"\rpredict: {done}/{len(todo)} images", end="", file=sys.stderr, flush=True)
+            print(f"\rpredict: {done}/{total} images", end="", file=sys.stderr, flush=True)
     _finish(summary, todo, crf_queue, colours, crf=crf, crf_workers=crf_workers)
     if progress and todo:
         print(file=sys.stderr)
@@ -361,6 +423,29 @@ def predict_paths(
             handle.writelines(f"{path}\t{reason}\n" for path, reason in summary.skipped)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _write_encoded(
+    model: Any,
+    encoded: Sequence[EncodedImage],
+    todo: list[tuple[Path, Path]],
+    summary: PredictSummary,
+    colours: np.ndarray,
+    probe: str,
+) -> list[tuple[Path, Path]]:
+    """Write the outputs of the ``todo`` images that have codes in ``encoded``; the rest of
+    ``todo`` is returned."""
+    by_path = {Path(e.path): e for e in encoded}
+    rest = []
+    for source, rel in todo:
+        entry = by_path.get(Path(source))
+        if entry is None:
+            rest.append((source, rel))
+            continue
+        ids = model.ids_from_code(entry.found, size=entry.size, probe=probe)[0]  # (H, W)
+        _write_outputs(summary.out_dir, rel, read_image_rgb(source), ids.cpu().numpy(), colours)
+        summary.written.append(source)
+    return rest
 
 
 def _predict_batch(

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from stego.data.registry import DatasetInfo
     from stego.models.backbone import Backbone
 
-__all__ = ["Segmenter", "SegmenterMeta", "SegmenterOutput", "build_segmenter"]
+__all__ = ["PaddedCode", "Segmenter", "SegmenterMeta", "SegmenterOutput", "build_segmenter"]
 
 
 @dataclass
@@ -155,6 +155,14 @@ class SegmenterOutput(NamedTuple):
     linear_log_probs: Tensor | None  # (B, n_classes, H, W) or None without a linear probe
 
 
+class PaddedCode(NamedTuple):
+    """Codes of images padded to a multiple of the patch size (:meth:`Segmenter.encode_any`)."""
+
+    code: Tensor  # (B, D, h, w), h = padded height / patch
+    padded_size: tuple[int, int]  # (H', W') fed to the backbone
+    own_size: tuple[int, int]  # (H, W) of the images before padding
+
+
 class Segmenter(nn.Module):
     """Backbone + head + cluster probe (+ optional linear probe), with the paper's prediction."""
 
@@ -252,21 +260,40 @@ class Segmenter(nn.Module):
         Images are padded to a multiple of the patch size and the output cropped back, so the
         log-probabilities have the images' own size, or ``size`` when given (e.g. label size).
         """
-        code, padded_size, (height, width) = self._encode_padded(images, flip)
-        full = _to_output_size(code, padded_size, (height, width), size)
+        code, padded_size, own = self.encode_any(images, flip=flip)
+        full = _to_output_size(code, padded_size, own, size)
         cluster = self.cluster_probe.log_probs(full, alpha=self.meta.alpha)
         linear = None
         if self.linear_probe is not None:
             linear = F.log_softmax(self.linear_probe(full), dim=1)
         return SegmenterOutput(code=code, cluster_log_probs=cluster, linear_log_probs=linear)
 
-    def _encode_padded(
-        self, images: Tensor, flip: bool
-    ) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
-        """Code (B, D, h, w) of the padded images, the padded size and the images' own size."""
+    @torch.no_grad()
+    def encode_any(self, images: Tensor, *, flip: bool = True) -> PaddedCode:
+        """:meth:`encode` of images (B, 3, H, W) in [0, 1] of any size: padded at the bottom /
+        right to a multiple of the patch (replicated edge), as prediction pads them."""
         padded = pad_to_multiple(images, self.patch_size, mode="replicate")
-        own = (padded.height, padded.width)
-        return self.encode(padded.tensor, flip=flip), tuple(padded.tensor.shape[-2:]), own  # type: ignore[return-value]
+        size = (int(padded.tensor.shape[-2]), int(padded.tensor.shape[-1]))
+        code = self.encode(padded.tensor, flip=flip)
+        return PaddedCode(code, size, (padded.height, padded.width))
+
+    @torch.no_grad()
+    def ids_from_code(
+        self, found: PaddedCode, *, size: tuple[int, int] | None = None, probe: str = "cluster"
+    ) -> Tensor:
+        """The ids (B, H, W) int64 :meth:`predict` gives, from codes :meth:`encode_any` made."""
+        code, padded_size, own = found
+        if probe == "cluster":
+            centroids = F.normalize(self.cluster_probe.clusters, dim=1, eps=1e-12)
+            scores = torch.einsum("bdhw,kd->bkhw", code, centroids)  # (B, K, h, w)
+        elif probe == "linear":
+            if self.linear_probe is None:
+                raise StegoError("probe='linear' needs a model with a linear probe")
+            scores = self.linear_probe(code)  # (B, n_classes, h, w)
+        else:
+            raise StegoError(f"unknown probe {probe!r}; valid: cluster, linear")
+        # max(dim).indices: the first maximum, like argmax, and several times faster on CPU
+        return _to_output_size(scores, padded_size, own, size).max(dim=1).indices
 
     @torch.no_grad()
     def predict(
@@ -299,21 +326,8 @@ class Segmenter(nn.Module):
         probes: tuple[str, ...] = ("cluster", "linear"),
     ) -> dict[str, Tensor]:
         """:meth:`predict` of several probes from one backbone pass: {probe: (B, H, W) int64}."""
-        code, padded_size, own = self._encode_padded(images, flip)
-        out = {}
-        for probe in probes:
-            if probe == "cluster":
-                centroids = F.normalize(self.cluster_probe.clusters, dim=1, eps=1e-12)
-                scores = torch.einsum("bdhw,kd->bkhw", code, centroids)  # (B, K, h, w)
-            elif probe == "linear":
-                if self.linear_probe is None:
-                    raise StegoError("probe='linear' needs a model with a linear probe")
-                scores = self.linear_probe(code)  # (B, n_classes, h, w)
-            else:
-                raise StegoError(f"unknown probe {probe!r}; valid: cluster, linear")
-            # max(dim).indices: the first maximum, like argmax, and several times faster on CPU
-            out[probe] = _to_output_size(scores, padded_size, own, size).max(dim=1).indices
-        return out
+        found = self.encode_any(images, flip=flip)
+        return {probe: self.ids_from_code(found, size=size, probe=probe) for probe in probes}
 
     def labels(self, images: Tensor, **kwargs: Any) -> Tensor:
         """Deprecated alias of :meth:`predict` (stego 0.1); removed in 0.3."""

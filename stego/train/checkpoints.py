@@ -19,7 +19,13 @@ from stego.atomic import atomic_write, check_free_space
 from stego.config import StegoConfig
 from stego.errors import StegoError
 
-__all__ = ["AtomicCheckpointIO", "RESUMABLE_CHANGES", "check_out_dir", "remove_stray_temps"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "RESUMABLE_CHANGES",
+    "check_out_dir",
+    "config_diffs",
+    "remove_stray_temps",
+]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -64,23 +70,29 @@ def check_out_dir(config: StegoConfig, out_dir: Path, resume: bool) -> Path | No
         return None
     if not last.is_file():
         raise StegoError(f"nothing to resume: {last} does not exist; run without --resume")
-    if saved.is_file():
-        old = StegoConfig.from_dict(yaml.safe_load(saved.read_text()), source=str(saved)).to_dict()
-        new = config.to_dict()
-        diffs = [
-            f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}"
-            for s in new
-            for k in new[s]
-            if old[s][k] != new[s][k]
-            and f"{s}.{k}" not in RESUMABLE_CHANGES
-            and new[s][k] != "auto"
-        ]  # "auto" shifts: the saved resolved values are reused
-        if diffs:
-            raise StegoError(
-                f"the config differs from the run in {out_dir} ({'; '.join(diffs)}); "
-                "resume with the same settings or start a new --out"
-            )
+    diffs = config_diffs(config, saved)
+    if diffs:
+        raise StegoError(
+            f"the config differs from the run in {out_dir} ({'; '.join(diffs)}); "
+            "resume with the same settings or start a new --out"
+        )
     return last
+
+
+def config_diffs(config: StegoConfig, saved: Path) -> list[str]:
+    """"section.key: old -> new" for each setting of ``config`` that differs from the run config
+    saved at ``saved`` (none when the file is missing), except those a resumed run may change
+    and "auto" shifts (the saved resolved values are reused)."""
+    if not saved.is_file():
+        return []
+    old = StegoConfig.from_dict(yaml.safe_load(saved.read_text()), source=str(saved)).to_dict()
+    new = config.to_dict()
+    return [
+        f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}"
+        for s in new
+        for k in new[s]
+        if old[s][k] != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES and new[s][k] != "auto"
+    ]
 
 
 def remove_stray_temps(out_dir: Path) -> None:
