@@ -31,9 +31,12 @@ def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     root = tmp_path_factory.mktemp("seg")
     images, out = root / "images", root / "out"
     _write_images(images)
-    summary = segment_folder(
-        images, out, clusters=2, backbone="tiny-vit", steps=4, resolution=32, progress=False
-    )
+    # the folder fit of the clusters, which needs 64 images by default, on these 4
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("stego.segment.FOLDER_FIT_MIN_IMAGES", 4)
+        summary = segment_folder(
+            images, out, clusters=2, backbone="tiny-vit", steps=4, resolution=32, progress=False
+        )
     return images, out, summary
 
 
@@ -230,6 +233,10 @@ def test_large_photos_are_predicted_at_twice_the_training_scale(tmp_path: Path) 
     )
     assert summary["settings"]["predict_side"] == 64
     model = stego.load(tmp_path / "out" / "model")
+    # 2 images, below FOLDER_FIT_MIN_IMAGES: the clusters are training's, not refit
+    trained = stego.load(tmp_path / "out" / "work" / "run" / "model")
+    assert "cluster_fit" not in model.meta.extra
+    torch.testing.assert_close(model.cluster_probe.clusters, trained.cluster_probe.clusters)
     source = tmp_path / "imgs" / "img0.png"
     rgb = np.array(Image.open(source).convert("RGB"))  # (150, 200, 3)
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
