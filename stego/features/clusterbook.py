@@ -32,7 +32,7 @@ from stego.atomic import atomic_write
 from stego.errors import StegoError
 from stego.features.fingerprint import FINGERPRINT_KEYS
 from stego.features.neighbors import _splitmix64
-from stego.losses.cause import grid_subsample, modularity_loss
+from stego.losses.cause import cell_window, grid_subsample, modularity_loss
 
 __all__ = [
     "CLUSTERBOOK_FILE",
@@ -129,17 +129,9 @@ def _crop_rows(
     feat: Tensor, cell: int, generator: torch.Generator
 ) -> tuple[Tensor, tuple[int, int]]:
     """feat (B, C, h, w) cropped at a random offset to multiples of ``cell`` -> rows (B, N, C)."""
-    h, w = feat.shape[-2:]
-    hc, wc = h - h % cell, w - w % cell
-    if hc == 0 or wc == 0:
-        raise StegoError(
-            f"the feature grid {h} x {w} is smaller than loss.cause_cell={cell}; lower "
-            "loss.cause_cell or raise data.resolution"
-        )
-    oy = int(torch.randint(h - hc + 1, (1,), generator=generator))
-    ox = int(torch.randint(w - wc + 1, (1,), generator=generator))
-    crop = feat[..., oy : oy + hc, ox : ox + wc]
-    return crop.flatten(2).transpose(1, 2), (hc, wc)
+    rows, cols = cell_window(*feat.shape[-2:], cell, generator)
+    crop = feat[..., rows, cols]
+    return crop.flatten(2).transpose(1, 2), tuple(crop.shape[-2:])
 
 
 def _init_concepts(

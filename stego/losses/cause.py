@@ -22,6 +22,7 @@ from torch import Tensor
 from stego.errors import StegoError
 
 __all__ = [
+    "cell_window",
     "BankRows",
     "CentroidAssignment",
     "ConceptBank",
@@ -124,6 +125,25 @@ def grid_subsample(
         )
     picked = blocks[torch.arange(blocks.shape[0], device=feats.device), order]  # (B*blocks, C)
     return picked.reshape(b, gh * gw, c)
+
+
+def cell_window(
+    h: int, w: int, cell: int, generator: torch.Generator | None = None
+) -> tuple[slice, slice]:
+    """A window of an h x w patch grid whose sides are the largest multiples of ``cell``, at a
+    random offset: (rows, cols) slices, for :func:`grid_subsample` on the cropped grid.
+
+    Raises :class:`StegoError` when the grid is smaller than one cell.
+    """
+    hc, wc = h - h % cell, w - w % cell
+    if hc == 0 or wc == 0:
+        raise StegoError(
+            f"the feature grid {h} x {w} is smaller than loss.cause_cell={cell}; lower "
+            "loss.cause_cell or raise data.resolution"
+        )
+    oy = int(torch.randint(h - hc + 1, (1,), generator=generator))
+    ox = int(torch.randint(w - wc + 1, (1,), generator=generator))
+    return slice(oy, oy + hc), slice(ox, ox + wc)
 
 
 def _grid_shape(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:

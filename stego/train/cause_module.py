@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from stego.errors import StegoError
 from stego.losses.cause import (
     ConceptBank,
+    cell_window,
     concept_contrastive_loss,
     grid_subsample,
     nearest_concept,
@@ -107,19 +108,13 @@ class CauseModule(StegoModule):
         picked feature rows (b, n, C)."""
         g = step_generator(self.seed, step, _CROP, self.global_rank)
         b, _, h, w = feat.shape
-        hc, wc = h - h % self.cell, w - w % self.cell
-        if hc == 0 or wc == 0:
-            raise StegoError(
-                f"the feature grid {h} x {w} is smaller than loss.cause_cell={self.cell}; "
-                "lower loss.cause_cell or raise data.resolution"
-            )
-        oy = int(torch.randint(h - hc + 1, (1,), generator=g))
-        ox = int(torch.randint(w - wc + 1, (1,), generator=g))
+        rows, cols = cell_window(h, w, self.cell, g)
+        hc, wc = rows.stop - rows.start, cols.stop - cols.start
         blocks = b * (hc // self.cell) * (wc // self.cell)
         order = torch.randint(self.cell * self.cell, (blocks,), generator=g).to(feat.device)
 
         def pick(maps: Tensor) -> Tensor:
-            crop = maps[..., oy : oy + hc, ox : ox + wc].flatten(2).transpose(1, 2)
+            crop = maps[..., rows, cols].flatten(2).transpose(1, 2)
             return grid_subsample(crop, order, grid=(hc, wc), cell=self.cell)
 
         return pick, pick(feat)
