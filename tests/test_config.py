@@ -8,7 +8,14 @@ import yaml
 from stego.config import StegoConfig, list_presets, load_config, parse_override
 from stego.errors import StegoError
 
-PRESETS = ["camvid", "cityscapes27", "cocostuff27", "cocostuff27-vits8", "potsdam3"]
+PRESETS = [
+    "camvid",
+    "camvid-labelfree",
+    "cityscapes27",
+    "cocostuff27",
+    "cocostuff27-vits8",
+    "potsdam3",
+]
 
 
 def test_all_presets_shipped() -> None:
@@ -42,8 +49,20 @@ def test_preset_values_match_released_checkpoints() -> None:
     assert camvid.data.resolution % 14 == 0
 
 
+def test_labelfree_camvid_preset_differs_only_in_the_shifts() -> None:
+    from dataclasses import asdict
+
+    from stego.losses import SHIFT_KEYS
+
+    tuned, free = asdict(load_config("camvid")), asdict(load_config("camvid-labelfree"))
+    for key in SHIFT_KEYS.values():
+        assert isinstance(tuned["loss"][key], float) and free["loss"][key] == "auto"
+        del tuned["loss"][key], free["loss"][key]
+    assert tuned == free
+
+
 def test_unknown_preset_lists_valid_ones() -> None:
-    with pytest.raises(StegoError, match="valid presets: camvid, cityscapes27"):
+    with pytest.raises(StegoError, match="valid presets: camvid, camvid-labelfree, cityscapes27"):
         load_config("coco")
 
 

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preset",
         default=None,
         help="paper settings to start from: cocostuff27, cocostuff27-vits8, "
-        "cityscapes27, potsdam3, camvid (loss weights/shifts matter a lot; "
+        "cityscapes27, potsdam3, camvid, camvid-labelfree (loss weights/shifts matter a lot; "
         "start from the closest dataset)",
     )
     parser.add_argument(
