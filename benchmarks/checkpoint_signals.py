@@ -24,21 +24,24 @@ computed once per folder, so each checkpoint costs only the head, k-means and sc
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_folders import DATA_ROOT, N_CLASSES, link_fold
+from segment_folders import DATA_ROOT, N_CLASSES, emit, link_fold
 
 SIGNALS = ("kmeans_cos", "restart_ari", "silhouette", "size_entropy", "random_pair_cos")
 
 
-def train_with_checkpoints(folder: Path, work: Path, seed: int, steps: int, every: int) -> Path:
-    """``stego segment``'s training of ``folder`` (its defaults), saving every ``every`` steps."""
+def train_with_checkpoints(
+    folder: Path, work: Path, seed: int, steps: int, every: int
+) -> tuple[Path, Any]:
+    """``stego segment``'s training of ``folder`` (its defaults), saving every ``every`` steps.
+    Returns the run folder and the :class:`stego.segment.SegmentSettings` used."""
     import stego.segment as seg
+    from stego.config import StegoConfig
     from stego.data import write_five_crops
     from stego.infer.predict import collect_images
     from stego.train.trainer import train
@@ -48,22 +51,26 @@ def train_with_checkpoints(folder: Path, work: Path, seed: int, steps: int, ever
     five = n_images < seg.FIVE_CROP_BELOW
     if five:
         write_five_crops("folder", folder, "all", work / "crops", progress=False)
+    defaults = StegoConfig().data  # resolution 224 is a multiple of the patch (14) already
     s = seg.SegmentSettings(
-        clusters=N_CLASSES, backbone=backbone, layer=layer, resolution=224, steps=steps,
-        predict_side=seg.PREDICT_SCALE * 224, five_crop=five, crf=False, seed=seed,
-        batch_size=16,
+        clusters=N_CLASSES, backbone=backbone, layer=layer, resolution=defaults.resolution,
+        steps=steps, predict_side=seg.PREDICT_SCALE * defaults.resolution, five_crop=five,
+        crf=False, seed=seed, batch_size=defaults.batch_size,
     )
     config = seg._config(folder, work, s, n_images * (5 if five else 1), False)
     config.train.checkpoint_every = every
     run = work / "run"
     if not (run / "model" / "config.json").is_file():
         train(config, run, resume=(run / "checkpoints" / "last.ckpt").is_file(), progress=False)
-    return run
+    return run, s
 
 
-def folder_features(model: Any, folder: Path) -> tuple[list, list, Any]:
+def folder_features(model: Any, folder: Path, max_side: int) -> tuple[list, list, Any]:
     """Backbone features of every image at the prediction size, plain and of the mirrored image
-    (list of (1, C, h, w) float16), and the padding of the (equal-sized) frames."""
+    (list of (1, C, h, w) float16), and the padding of the (equal-sized) frames.
+
+    Features, not codes (`stego.infer.predict.encode_paths`), so that every checkpoint's head
+    reuses one backbone pass."""
     from stego.data.transforms import pad_to_multiple
     from stego.infer.predict import _network_input, collect_images, read_image_rgb
     from stego.models.segmenter import PaddedCode
@@ -72,7 +79,7 @@ def folder_features(model: Any, folder: Path) -> tuple[list, list, Any]:
     with torch.inference_mode():
         for path, _ in collect_images([folder]):
             image = torch.from_numpy(read_image_rgb(path).copy()).permute(2, 0, 1)[None] / 255.0
-            image = _network_input(image.float(), 2 * 224)
+            image = _network_input(image.float(), max_side)
             pad = pad_to_multiple(image, model.patch_size, mode="replicate")
             plain.append(model.backbone(pad.tensor).feat.half())
             mirrored.append(model.backbone(pad.tensor.flip(-1)).feat.half())
@@ -129,7 +136,9 @@ def signals(codes: torch.Tensor, centroids: torch.Tensor, seed: int) -> dict[str
     }
 
 
-def score_checkpoints(run: Path, folder: Path, data_root: Path, seed: int) -> list[dict]:
+def score_checkpoints(
+    run: Path, folder: Path, data_root: Path, seed: int, max_side: int
+) -> list[dict]:
     """mIoU and label-free numbers of every ``step-*.ckpt`` of ``run``."""
     from PIL import Image
 
@@ -138,7 +147,7 @@ def score_checkpoints(run: Path, folder: Path, data_root: Path, seed: int) -> li
     from stego.infer.predict import collect_images
 
     model = stego.load(run / "model").eval()
-    plain, mirrored, padded = folder_features(model, folder)
+    plain, mirrored, padded = folder_features(model, folder, max_side)
     names = [path.name for path, _ in collect_images([folder])]
     truth = np.concatenate(
         [
@@ -205,16 +214,13 @@ def main() -> None:
     for prefix in args.folds:
         folder = link_fold(data_root, prefix, work)
         for seed in args.seeds:
-            run = train_with_checkpoints(
+            run, s = train_with_checkpoints(
                 folder, work / "runs" / f"{prefix}_s{seed}", seed, args.steps, args.every
             )
-            for record in score_checkpoints(run, folder, data_root, seed):
+            for record in score_checkpoints(run, folder, data_root, seed, s.predict_side):
                 record = {"fold": prefix, "seed": seed, **record}
-                print(json.dumps(record), flush=True)
+                emit(record, args.out)
                 records.append(record)
-                if args.out:
-                    with open(args.out, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
     summarise(records)
 
 

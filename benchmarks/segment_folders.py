@@ -89,6 +89,15 @@ def run_one(folder: Path, out: Path, raw: bool, seed: int, kwargs: dict[str, Any
     return {"seconds": summary["seconds"], "wall": round(wall, 1), "settings": summary["settings"]}
 
 
+def emit(record: dict[str, Any], out: str | None) -> None:
+    """Print ``record`` as one JSON line, and append it to the file ``out`` when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as handle:
+            handle.write(line + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", default=DATA_ROOT)
@@ -109,11 +118,7 @@ def main() -> None:
             record = {"tag": args.tag, "fold": prefix, "seed": seed, "raw": args.raw, **kwargs}
             record.update(run_one(folder, out, args.raw, seed, kwargs))
             record.update(score_folder(out / "labels", data_root))
-            line = json.dumps(record)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as handle:
-                    handle.write(line + "\n")
+            emit(record, args.out)
 
 
 if __name__ == "__main__":
