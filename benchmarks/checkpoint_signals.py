@@ -23,15 +23,15 @@ computed once per folder, so each checkpoint costs only the head, k-means and sc
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_folders import DATA_ROOT, N_CLASSES, emit, link_fold
+from segment_folders import N_CLASSES, emit, fold_parser, link_fold
 
+WORK = "/tmp/stego-bench/checkpoint-signals"  # cluster_variants.py reuses its runs
 SIGNALS = ("kmeans_cos", "restart_ari", "silhouette", "size_entropy", "random_pair_cos")
 
 
@@ -53,9 +53,16 @@ def train_with_checkpoints(
         write_five_crops("folder", folder, "all", work / "crops", progress=False)
     defaults = StegoConfig().data  # resolution 224 is a multiple of the patch (14) already
     s = seg.SegmentSettings(
-        clusters=N_CLASSES, backbone=backbone, layer=layer, resolution=defaults.resolution,
-        steps=steps, predict_side=seg.PREDICT_SCALE * defaults.resolution, five_crop=five,
-        crf=False, seed=seed, batch_size=defaults.batch_size,
+        clusters=N_CLASSES,
+        backbone=backbone,
+        layer=layer,
+        resolution=defaults.resolution,
+        steps=steps,
+        predict_side=seg.PREDICT_SCALE * defaults.resolution,
+        five_crop=five,
+        crf=False,
+        seed=seed,
+        batch_size=defaults.batch_size,
     )
     config = seg._config(folder, work, s, n_images * (5 if five else 1), False)
     config.train.checkpoint_every = every
@@ -109,8 +116,9 @@ def signals(codes: torch.Tensor, centroids: torch.Tensor, seed: int) -> dict[str
     g = torch.Generator().manual_seed(seed)
     sub = x[torch.randperm(len(x), generator=g)[:20000]]
     runs = [
-        spherical_kmeans(sub, k, n_restarts=1, generator=torch.Generator().manual_seed(100 + r))
-        .labels.numpy()
+        spherical_kmeans(
+            sub, k, n_restarts=1, generator=torch.Generator().manual_seed(100 + r)
+        ).labels.numpy()
         for r in range(5)
     ]
     ari = np.mean([adjusted_rand(runs[i], runs[j]) for i in range(5) for j in range(i + 1, 5)])
@@ -186,8 +194,11 @@ def summarise(records: list[dict]) -> None:
     for fold in sorted({r["fold"] for r in records}):
         rows = [r for r in records if r["fold"] == fold]
         rho = {s: spearmanr([r[s] for r in rows], [r["miou"] for r in rows])[0] for s in SIGNALS}
-        print(fold, f"{len(rows)} checkpoints, Spearman with mIoU:",
-              " ".join(f"{s} {v:+.2f}" for s, v in rho.items()))
+        print(
+            fold,
+            f"{len(rows)} checkpoints, Spearman with mIoU:",
+            " ".join(f"{s} {v:+.2f}" for s, v in rho.items()),
+        )
     runs = sorted({(r["fold"], r["seed"]) for r in records})
     for s in SIGNALS:
         for sign, word in ((1, "highest"), (-1, "lowest")):
@@ -200,14 +211,9 @@ def summarise(records: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", default=DATA_ROOT)
-    parser.add_argument("--work", default="/tmp/stego-bench/checkpoint-signals")
-    parser.add_argument("--folds", nargs="+", default=["0006R0", "0016E5"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = fold_parser(__doc__, WORK)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=25)
-    parser.add_argument("--out", default=None, help="append one JSON line per checkpoint here")
     args = parser.parse_args()
     data_root, work = Path(args.data_root), Path(args.work)
     records = []

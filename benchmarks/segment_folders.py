@@ -98,16 +98,23 @@ def emit(record: dict[str, Any], out: str | None) -> None:
             handle.write(line + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def fold_parser(doc: str, work: str) -> argparse.ArgumentParser:
+    """The options every held-out-sequence benchmark shares: data root, work folder, folds
+    (train sequence prefixes), seeds and the JSON-lines output file."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--data-root", default=DATA_ROOT)
-    parser.add_argument("--work", default="/tmp/stego-bench/segment-folders")
+    parser.add_argument("--work", default=work)
     parser.add_argument("--folds", nargs="+", default=["0006R0", "0016E5"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", default=None, help="append one JSON line per record here")
+    return parser
+
+
+def main() -> None:
+    parser = fold_parser(__doc__, "/tmp/stego-bench/segment-folders")
     parser.add_argument("--set", nargs="*", default=[], help="segment_folder keyword=value")
     parser.add_argument("--raw", action="store_true", help="head none: raw cosine k-means")
     parser.add_argument("--tag", default="default", help="name of the runs")
-    parser.add_argument("--out", default=None, help="append one JSON line per run here")
     args = parser.parse_args()
     data_root, work = Path(args.data_root), Path(args.work)
     kwargs = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
