@@ -87,12 +87,12 @@ def spectral_labels(affinity, k: int, seed: int) -> np.ndarray:
     import scipy.sparse as sp
     from scipy.sparse.linalg import eigsh
 
+    from stego.models.probes import spherical_kmeans
+
     w = sp.csr_matrix(affinity)
     inv = sp.diags(1 / np.sqrt(np.asarray(w.sum(1)).ravel() + 1e-12))
     _, vectors = eigsh(inv @ w @ inv, k=k, which="LA")
     vectors = torch.tensor(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).float()
-    from stego.models.probes import spherical_kmeans
-
     g = torch.Generator().manual_seed(seed)
     return spherical_kmeans(vectors, k, n_restarts=10, generator=g).labels.numpy()
 
