@@ -1,4 +1,4 @@
-"""Label-free segmentation on DINOv2 ViT-S/14 features: raw cosine k-means vs a CAUSE-style head.
+"""Label-free segmentation on the saliency-tuned ViT-S/14: raw cosine k-means vs a CAUSE-style head.
 
 Answers "which label-free method should ``stego segment DIR --clusters K`` use?" with a protocol
 that never chooses settings on CamVid val:
@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 DATA_ROOT = "/work/shared/data/camvid"
-BACKBONE = "dinov2-vits14-offline"
+BACKBONE = "imgfocus-saliency-vits14"
 LABEL_SIZE = (224, 298)
 THIN = ("pole", "sign_symbol", "pedestrian", "bicyclist", "fence")
 

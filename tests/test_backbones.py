@@ -86,7 +86,7 @@ def test_registry_names_match_the_contract() -> None:
         "dino-vitb16",
         "dinov3-vits16",
         "dinov3-vitb16",
-        "dinov2-vits14-offline",
+        "imgfocus-saliency-vits14",
         "tiny-vit",
     }
     expected |= {f"dinov2-vit{s}14{r}" for s in "sblg" for r in ("", "-reg")}
@@ -256,7 +256,7 @@ def test_offline_hub_name_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
     start = time.perf_counter()
-    with pytest.raises(StegoError, match="--weights FILE.*dinov2-vits14-offline"):
+    with pytest.raises(StegoError, match="--weights FILE.*imgfocus-saliency-vits14"):
         build_backbone("dino-vitb8")
     assert time.perf_counter() - start < 5
 

@@ -45,7 +45,7 @@ def test_preset_values_match_released_checkpoints() -> None:
     potsdam = load_config("potsdam3")
     assert (potsdam.data.crop_type, potsdam.loss.neg_inter_shift) == ("none", 0.76)
     camvid = load_config("camvid")
-    assert (camvid.model.backbone, camvid.model.layer) == ("dinov2-vits14-offline", 8)
+    assert (camvid.model.backbone, camvid.model.layer) == ("imgfocus-saliency-vits14", 8)
     assert camvid.data.resolution % 14 == 0
 
 

