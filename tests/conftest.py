@@ -16,6 +16,7 @@ PARITY = Path(os.environ.get("STEGO_PARITY", REPO / "tests" / "data" / "parity")
 # The real CamVid images may not be redistributed: they live beside the checkout, in ../shared.
 SHARED = Path(os.environ.get("STEGO_SHARED", REPO.parent / "shared"))
 CAMVID = SHARED / "data" / "camvid"
+COCO_SAMPLE = SHARED / "data" / "coco-sample"
 
 
 def in_ci() -> bool:
@@ -56,6 +57,16 @@ def camvid_dir() -> Path:
     if not CAMVID.is_dir():
         skip_unless_ci(f"real CamVid not found at {CAMVID} (STEGO_SHARED: the shared/ folder)")
     return CAMVID
+
+
+@pytest.fixture(scope="session")
+def coco_sample_dir() -> Path:
+    """The 100 real COCO-Stuff photos (../shared/data/coco-sample), the original's layout."""
+    if not (COCO_SAMPLE / "cocostuff").is_dir():
+        skip_unless_ci(
+            f"the COCO-Stuff sample is not at {COCO_SAMPLE} (STEGO_SHARED: the shared/ folder)"
+        )
+    return COCO_SAMPLE
 
 
 @pytest.fixture(scope="session")
