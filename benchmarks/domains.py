@@ -145,12 +145,18 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default", "raw"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", nargs="*", default=[], help="segment_folder keyword=value")
+    parser.add_argument(
+        "--config-set", nargs="*", default=[], help="training config key=value (loss.x=1)"
+    )
     parser.add_argument("--tag", default=None, help="name of the runs (default: the variant)")
     parser.add_argument("--out", default=None, help="append one JSON line per run here")
     args = parser.parse_args()
     domains = all_domains(shared_root(args.shared))
     work = Path(args.work)
     kwargs = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config_set = {
+        k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.config_set)
+    }
     records = []
     for name in args.domains or list(domains):
         domain = domains[name]
@@ -162,7 +168,8 @@ def main() -> None:
                 tag = args.tag or variant
                 out = work / "runs" / f"{name}_{tag}_s{seed}"
                 record = {"domain": name, "variant": variant, "tag": tag, "seed": seed, **kwargs}
-                record.update(run_one(folder, out, raw, seed, extra, domain.clusters))
+                record.update(config_set)
+                record.update(run_one(folder, out, raw, seed, extra, domain.clusters, config_set))
                 record.update(score(domain, out / "labels"))
                 record["n_images"] = len(domain.images)
                 records.append(record)

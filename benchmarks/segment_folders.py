@@ -73,18 +73,24 @@ def run_one(
     seed: int,
     kwargs: dict[str, Any],
     clusters: int = N_CLASSES,
+    config_set: dict[str, Any] | None = None,
 ) -> dict:
+    """``stego segment`` on ``folder`` into ``out``; ``raw``: head "none" (the k-means probe
+    clusters the backbone features themselves); ``config_set``: training-config keys
+    (``"loss.auto_pseudo_classes": 5``) set on top of what the command chooses."""
     import stego.segment as segment
 
     original = segment._config
-    if raw:  # head "none": the k-means probe clusters the backbone features themselves
+    changes = {**(config_set or {}), **({"model.head": "none"} if raw else {})}
 
-        def raw_config(*args: Any, **kw: Any) -> Any:
-            config = original(*args, **kw)
-            config.model.head = "none"
-            return config
+    def changed_config(*args: Any, **kw: Any) -> Any:
+        config = original(*args, **kw)
+        for key, value in changes.items():
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, value)
+        return config
 
-        segment._config = raw_config
+    segment._config = changed_config
     try:
         start = time.perf_counter()
         summary = segment.segment_folder(

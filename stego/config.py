@@ -101,7 +101,7 @@ class LossConfig:
     pos_intra_shift: float | Literal["auto"] = 0.08  # b_self: paper ViT-S/8 COCO value
     pos_inter_shift: float | Literal["auto"] = 0.02  # b_knn
     neg_inter_shift: float | Literal["auto"] = 0.16  # b_rand
-    # k-means pseudo-classes of the "auto" calibration; None = max(2, clusters // 2)
+    # k-means pseudo-classes of the "auto" calibration; None = max(2, clusters // 2), at most 5
     auto_pseudo_classes: int | None = None
     pos_intra_weight: float = 0.67  # lambda_self
     pos_inter_weight: float = 0.25  # lambda_knn

@@ -60,6 +60,9 @@ PROBE_FIT_IMAGES = 64
 # measured on folders of 101-367 images (+1.4 mIoU), and on the 4 photos of `stego demo` it
 # merged the cat, the cup and the backgrounds into one cluster that training's fit kept apart.
 FOLDER_FIT_MIN_IMAGES = 64
+# Images of the folder the label-free position check reads (stego.eval.labelfree): a few seconds
+# of backbone time at the training size.
+POSITION_CHECK_IMAGES = 32
 
 
 @dataclass
@@ -291,6 +294,47 @@ def _fit_clusters_to_folder(
     return encoded
 
 
+def _position_warning(
+    model: Any, images: list[tuple[Path, Path]], s: SegmentSettings, progress: bool
+) -> list[str]:
+    """The label-free position check (:mod:`stego.eval.labelfree`) on the raw features of up to
+    ``POSITION_CHECK_IMAGES`` of the folder's images at the training size (a few seconds); a
+    warning when the folder's segments would follow where things are in the frame rather than
+    what they are."""
+    import torch
+
+    from stego.data.transforms import pad_to_multiple
+    from stego.eval.labelfree import check_position
+    from stego.infer.predict import read_image_rgb, resize_for_network
+
+    rng = np.random.default_rng(s.seed)
+    count = min(POSITION_CHECK_IMAGES, len(images))
+    feats = []
+    for i in sorted(rng.choice(len(images), size=count, replace=False).tolist()):
+        try:
+            array = read_image_rgb(images[i][0])
+        except StegoError:
+            continue  # prediction reports unreadable images
+        image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
+        small = pad_to_multiple(resize_for_network(image, s.resolution), model.patch_size)
+        feats.append(model.backbone(small.tensor).feat[0])  # (C, h, w)
+    if len(feats) < 2:
+        return []
+    check = check_position(feats, s.clusters, seed=s.seed)
+    if not check.follows_position:
+        return []
+    message = (
+        f"the segments would follow where things are in the frame more than what they are "
+        f"(label-free check on {check.n_images} images: position dependence {check.plain:.2f}, "
+        f"{check.centred:.2f} without the backbone's position signal). The backbone "
+        f"{s.backbone} carries image position in its features; use real DINO / DINOv2 weights "
+        "(--weights FILE, see the README) for segments by meaning"
+    )
+    if progress:
+        print(f"WARNING: {message}", flush=True)
+    return [message]
+
+
 def _contact_sheet(out: Path, max_images: int = 24, thumb: int = 160) -> Path | None:
     """A grid of image | overlay thumbnails of the first images, as one PNG."""
     from PIL import Image
@@ -427,6 +471,7 @@ def segment_folder(
     if method == "stego":
         s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}
     model, encoded = _folder_model(out, run, images, s, skip_bad, progress)
+    warnings = _position_warning(model, images, s, progress)
     timings["train"] = time.perf_counter() - start - sum(timings.values())
     _stage(3, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
     result = predict_paths(
@@ -449,6 +494,7 @@ def segment_folder(
         "backbone": backbone_note(s.backbone, s.weights),
         "cluster_pixel_fraction": _cluster_sizes(out, clusters),
         "skipped": [str(p) for p, _ in result.skipped],
+        "warnings": warnings,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "total_seconds": round(time.perf_counter() - start, 1),
         "outputs": {

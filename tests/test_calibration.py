@@ -230,3 +230,12 @@ def test_calibrate_takes_batch_and_table_size_from_the_config(data_root: Path,
     kw = dict(num_neighbors=3, n_samples=5, pointwise=True, n_batches=2, seed=3)
     assert cal.shifts == calibrate_shifts(cache, nbrs, 2, batch_size=4, **kw).shifts
     assert cal.shifts != calibrate_shifts(cache, nbrs, 2, batch_size=16, **kw).shifts
+
+
+def test_pseudo_class_count_is_half_the_segments_at_most_five() -> None:
+    from stego.features.calibration import MAX_PSEUDO_CLASSES, pseudo_class_count
+
+    # K <= 11 keeps the rule chosen on CamVid; more segments stop at the cap, whose shifts
+    # were better on COCO photos at K = 27 (docs/benchmarks.md)
+    assert [pseudo_class_count(k) for k in (2, 3, 8, 11)] == [2, 2, 4, 5]
+    assert pseudo_class_count(27) == pseudo_class_count(100) == MAX_PSEUDO_CLASSES == 5

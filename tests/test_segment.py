@@ -56,6 +56,32 @@ def test_segment_writes_labels_at_image_size(segmented: tuple[Path, Path, dict])
     assert saved["n_images"] == 4 and saved["n_training_views"] == 20  # five-crop on
     assert abs(sum(saved["cluster_pixel_fraction"]) - 1) < 1e-3
     assert set(saved["settings"]["shifts"]) == {"self", "knn", "random"}
+    assert isinstance(saved["warnings"], list) and "tiny-vit" in saved["backbone"]
+
+
+def test_position_warning_names_the_backbone_and_the_fix(
+    segmented: tuple[Path, Path, dict], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import stego
+    from stego.eval import labelfree
+    from stego.segment import SegmentSettings, _position_warning
+
+    images, out, summary = segmented
+    model = stego.load(out / "model")
+    pairs = [(p, p.relative_to(images)) for p in sorted(images.rglob("*")) if p.is_file()]
+    settings = SegmentSettings(**{**summary["settings"], "shifts": {}})
+    seen = []
+
+    def fires(feats, n_clusters, seed=0):  # the real check, then its verdict forced
+        seen.append((len(feats), tuple(feats[0].shape), n_clusters))
+        return labelfree.PositionCheck(plain=0.3, centred=0.02, n_images=len(feats))
+
+    monkeypatch.setattr(labelfree, "check_position", fires)
+    (message,) = _position_warning(model, pairs, settings, progress=True)
+    # 4 images at the training size: 64 x 48 -> 43 x 32, padded to 48 x 32: 6 x 4 patches
+    assert seen == [(4, (32, 4, 6), 2)]
+    assert "tiny-vit" in message and "--weights" in message
+    assert "WARNING" in capsys.readouterr().out
 
 
 def test_segment_rerun_reuses_everything(segmented: tuple[Path, Path, dict]) -> None:

@@ -1,7 +1,7 @@
 """``stego calibrate``: propose the three loss shifts from your own features, without labels.
 
 The rule (see :mod:`stego.features.calibration`): cluster a sample of patch features with cosine
-k-means into P pseudo-classes (by default P = K // 2 for K = --clusters, the number of segments
+k-means into P pseudo-classes (by default P = K // 2, at most 5, for K = --clusters, the segments
 you want: k-means makes equal-sized clusters, real classes are unequal); sample location pairs
 exactly as training does for each loss term (self: two places of one image; knn: an image and one
 of its nearest neighbours; random: an image and another random one) and measure the fraction p
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="k-means pseudo-classes of the calibration (default: "
-        "max(2, K // 2), as loss.auto_pseudo_classes)",
+        "max(2, K // 2), at most 5, as loss.auto_pseudo_classes)",
     )
     parser.add_argument(
         "--num-neighbors",

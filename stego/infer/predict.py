@@ -45,6 +45,7 @@ __all__ = [
     "encode_paths",
     "predict_paths",
     "read_image_rgb",
+    "resize_for_network",
     "legend",
 ]
 
@@ -242,6 +243,12 @@ def _network_input(images: Tensor, max_side: int | None) -> Tensor:
     if small == (height, width):
         return images
     return F.interpolate(images, size=small, mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_for_network(images: Tensor, max_side: int | None) -> Tensor:
+    """Images (B, 3, H, W) as prediction feeds them to the network: shorter side at most
+    ``max_side`` (antialiased bilinear), aspect kept; not yet padded to the patch size."""
+    return _network_input(images, max_side)
 
 
 class EncodedImage(NamedTuple):
