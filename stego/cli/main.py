@@ -23,6 +23,8 @@ from stego.errors import StegoError
 COMMANDS: tuple[str, ...] = (
     "demo",
     "segment",
+    "view",
+    "export",
     "crop",
     "features",
     "knn",
@@ -41,6 +43,8 @@ DESCRIPTION = """\
 Unsupervised semantic segmentation with STEGO.
 
 Quick start on your own images:   stego segment DIR --clusters K --out OUT
+                                  stego view OUT     (see, name and merge the clusters)
+                                  stego export OUT --format coco|masks|areas|label-studio
 Research pipeline (paper datasets):
   1. stego crop      five-crop a training split once (COCO-Stuff, Cityscapes)
   2. stego features  cache frozen backbone features (optional; training then skips the backbone)
