@@ -244,25 +244,12 @@ def _fit_clusters_to_folder(
     return encoded
 
 
-def _contact_sheet(out: Path, max_images: int = 24, thumb: int = 160) -> Path | None:
-    """A grid of image | overlay thumbnails of the first images, as one PNG."""
-    from PIL import Image
+def _contact_sheet(out: Path, max_images: int = 24) -> Path | None:
+    """A grid of the first images' overlay thumbnails, as one PNG."""
+    from stego.viz import contact_sheet, save_png
 
-    overlays = sorted((out / "overlays").rglob("*.png"))[:max_images]
-    if not overlays:
-        return None
-    cols = 4
-    rows = (len(overlays) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * thumb, rows * thumb), "white")
-    for i, path in enumerate(overlays):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb))
-            sheet.paste(im, ((i % cols) * thumb, (i // cols) * thumb))
-    target = out / "contact_sheet.png"
-    with atomic_write(target) as handle:
-        sheet.save(handle, format="PNG")
-    return target
+    sheet = contact_sheet(sorted((out / "overlays").rglob("*.png"))[:max_images])
+    return None if sheet is None else save_png(sheet, out / "contact_sheet.png")
 
 
 def _cluster_sizes(out: Path, clusters: int) -> list[float]:
@@ -387,6 +374,7 @@ def segment_folder(
         progress=progress,
         max_side=s.predict_side,
         encoded=encoded,
+        probe="cluster",
     )
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
     sheet = _contact_sheet(out)
