@@ -16,8 +16,8 @@ naming agree. Unnamed results get one class per cluster, named "cluster N".
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from PIL import Image
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
-from stego.naming import ClassMap, read_class_map
+from stego.naming import ClassMap, read_class_map, read_results
+from stego.naming.render import ResultsLayout, relative_pngs
 from stego.viz import default_palette
 
 __all__ = ["Results", "ClusterCounts", "open_results", "unnamed_classes", "cluster_counts"]
@@ -39,20 +40,34 @@ MAX_CLUSTERS = 256  # label maps the page reads are 8-bit PNGs
 class Results:
     """A checked RESULTS folder: its images (label maps) in sorted order and its class map."""
 
-    root: Path
-    summary: dict[str, Any]
-    rels: list[Path]  # each image's label map, relative to labels/ (``a/b.png``)
-    n_clusters: int
+    layout: ResultsLayout  # where things are, as stego.naming reads them
     classes: ClassMap  # the saved class map, or "cluster N" names when unnamed
     named: bool  # model/classes.json exists
-    sources: list[Path | None]  # the segmented image of each rel; None when it moved
 
     @property
-    def cluster_dir(self) -> Path:
-        return self.root / ("clusters" if (self.root / "clusters").is_dir() else "labels")
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.layout.summary
+
+    @property
+    def rels(self) -> Sequence[Path]:
+        """Each image's label map, relative to labels/ (``a/b.png``), sorted."""
+        return self.layout.rels
+
+    @property
+    def n_clusters(self) -> int:
+        return self.layout.n_clusters
+
+    def source(self, index: int) -> Path | None:
+        """The segmented image file of image ``index``; None when it is not there any more."""
+        path = self.layout.sources.get(self.layout.rels[index])
+        return path if path is not None and path.is_file() else None
 
     def cluster_path(self, index: int) -> Path:
-        return self.cluster_dir / self.rels[index]
+        return self.layout.clusters_dir / self.layout.rels[index]
 
     def cluster_ids(self, index: int) -> np.ndarray:
         """(H, W) int64 cluster ids of image ``index``."""
@@ -77,19 +92,19 @@ class Results:
         """(H, W, 3) uint8: the segmented image, or its overlay when the image moved."""
         from stego.data.readers import read_image
 
-        source = self.sources[index]
-        path = source if source is not None and source.is_file() else self.root / "overlays" / self.rels[index]
-        return np.asarray(read_image(path))
+        source = self.source(index)
+        return np.asarray(read_image(source or self.root / "overlays" / self.layout.rels[index]))
 
     def image_name(self, index: int) -> str:
         """The image's path relative to the segmented folder (``a/b.jpg``); the label map's
         (``a/b.png``) when the image moved."""
-        source, rel = self.sources[index], self.rels[index]
+        rel, source = self.layout.rels[index], self.source(index)
         return (rel.with_suffix(source.suffix) if source is not None else rel).as_posix()
 
     def reload_classes(self) -> None:
         """Read ``model/classes.json`` again (after a save)."""
-        saved = read_class_map(self.root / "model")
+        self.layout = read_results(self.root)  # the first save moves the cluster ids to clusters/
+        saved = read_class_map(self.layout.model_dir)
         self.named = saved is not None
         self.classes = saved if saved is not None else unnamed_classes(self.n_clusters)
 
@@ -109,62 +124,35 @@ def unnamed_classes(n_clusters: int) -> ClassMap:
     )
 
 
-def _not_results(root: Path, missing: str) -> StegoError:
-    return StegoError(
-        f"{root} is not a `stego segment` output ({missing} is missing): pass the folder given "
-        "to `stego segment --out`"
-    )
-
-
-def _read_summary(root: Path) -> dict[str, Any]:
-    path = root / "summary.json"
-    if not path.is_file():
-        raise _not_results(root, "summary.json")
-    try:
-        summary = json.loads(path.read_text())
-        int(summary["settings"]["clusters"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StegoError(
-            f"{path} is not the summary `stego segment` writes ({exc}); rerun stego segment"
-        ) from exc
-    return summary
-
-
-def _sources(root: Path, summary: dict[str, Any]) -> dict[Path, Path]:
-    """Label map rel -> segmented image, as ``stego segment`` paired them; {} when the input
-    folder is gone."""
-    from stego.infer.predict import collect_images
-
-    folder = Path(summary.get("input") or "")
-    if not str(folder) or not folder.is_dir():
-        return {}
-    return {rel: source for source, rel in collect_images([folder], exclude=root)}
-
-
-def _label_rels(folder: Path) -> list[Path]:
-    return sorted(p.relative_to(folder) for p in folder.rglob("*.png") if not p.name.startswith("."))
-
-
-def _check_files(root: Path, rels: list[Path], summary: dict[str, Any], sources: dict) -> None:
-    """Exactly one label map per segmented image, else say which are missing or extra."""
+def _check_files(layout: ResultsLayout) -> None:
+    """Exactly one label map per segmented image (and the same in labels/ and clusters/), else
+    say which are missing or extra."""
+    root, rels, summary = layout.root, list(layout.rels), layout.summary
+    if layout.clusters_dir.name == "clusters":
+        labels = list(relative_pngs(root / "labels")) if (root / "labels").is_dir() else []
+        if labels != rels:
+            odd = sorted(set(labels) ^ set(rels))[:3]
+            raise StegoError(
+                f"{root / 'clusters'} and {root / 'labels'} hold different images (e.g. "
+                f"{', '.join(map(str, odd))}); name the clusters again (stego name) to rewrite both"
+            )
     expected = int(summary.get("n_images", len(rels))) - len(summary.get("skipped") or [])
-    if len(rels) == expected:
-        return
-    have = set(rels)
     if len(rels) < expected:
-        missing = sorted(set(sources) - have)[:3]
+        missing = sorted(set(layout.sources) - set(rels))[:3]
         example = f" (e.g. {', '.join(map(str, missing))})" if missing else ""
         raise StegoError(
-            f"{root / 'labels'} holds {len(rels)} label maps but {expected} images were segmented"
-            f"{example}: the run was interrupted or files were deleted; rerun the same "
+            f"{layout.clusters_dir} holds {len(rels)} label maps but {expected} images were "
+            f"segmented{example}: the run was interrupted or files were deleted; rerun the same "
             f"`stego segment {summary.get('input', 'INPUT')} --out {root}` to finish it"
         )
-    extra = sorted(have - set(sources))[:3] if sources else []
-    example = f" (e.g. {', '.join(map(str, extra))})" if extra else ""
-    raise StegoError(
-        f"{root / 'labels'} holds {len(rels)} label maps but only {expected} images were "
-        f"segmented: extra files{example} were added; remove them (or segment again into a new --out)"
-    )
+    if len(rels) > expected:
+        extra = sorted(set(rels) - set(layout.sources))[:3] if layout.sources else []
+        example = f" (e.g. {', '.join(map(str, extra))})" if extra else ""
+        raise StegoError(
+            f"{layout.clusters_dir} holds {len(rels)} label maps but only {expected} images were "
+            f"segmented: extra files{example} were added; remove them (or segment again into a "
+            "new --out)"
+        )
 
 
 def open_results(path: str | Path) -> Results:
@@ -172,43 +160,24 @@ def open_results(path: str | Path) -> Results:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise StegoError(f"results folder {root} does not exist: pass the --out of stego segment")
-    summary = _read_summary(root)
-    for needed in ("labels", "model"):
-        if not (root / needed).is_dir():
-            raise _not_results(root, f"{needed}/")
-    n_clusters = int(summary["settings"]["clusters"])
-    if not 2 <= n_clusters <= MAX_CLUSTERS:
-        raise StegoError(f"{root} has {n_clusters} clusters; stego view and export read 2 to 256")
-    saved = read_class_map(root / "model")
-    rels = _label_rels(root / "labels")
-    if (root / "clusters").is_dir():
-        clusters = _label_rels(root / "clusters")
-        if clusters != rels:
-            odd = sorted(set(clusters) ^ set(rels))[:3]
-            raise StegoError(
-                f"{root / 'clusters'} and {root / 'labels'} hold different images (e.g. "
-                f"{', '.join(map(str, odd))}); name the clusters again (stego name) to rewrite both"
-            )
-    elif saved is not None:
-        raise _not_results(root, "clusters/ (written with model/classes.json by stego name)")
-    if saved is not None and len(saved.mapping) != n_clusters:
+    try:
+        layout = read_results(root)
+    except (ValueError, KeyError, TypeError) as exc:
         raise StegoError(
-            f"{root / 'model' / 'classes.json'} maps {len(saved.mapping)} clusters but the "
-            f"results have {n_clusters}; name the clusters again (stego name)"
+            f"{root} is not a `stego segment` output: its summary.json or model/config.json "
+            f"cannot be read ({exc}); pass the --out of stego segment, or rerun it"
+        ) from exc
+    if not 2 <= layout.n_clusters <= MAX_CLUSTERS:
+        raise StegoError(f"{root} has {layout.n_clusters} clusters; stego view and export read 2 to 256")
+    _check_files(layout)
+    saved = read_class_map(layout.model_dir)
+    if saved is not None and len(saved.mapping) != layout.n_clusters:
+        raise StegoError(
+            f"{layout.model_dir / 'classes.json'} maps {len(saved.mapping)} clusters but the "
+            f"results have {layout.n_clusters}; name the clusters again (stego name)"
         )
-    if not rels:
-        raise StegoError(f"{root / 'labels'} holds no label maps; rerun stego segment")
-    sources = _sources(root, summary)
-    _check_files(root, rels, summary, sources)
-    return Results(
-        root=root,
-        summary=summary,
-        rels=rels,
-        n_clusters=n_clusters,
-        classes=saved if saved is not None else unnamed_classes(n_clusters),
-        named=saved is not None,
-        sources=[sources.get(rel) for rel in rels],
-    )
+    classes = saved if saved is not None else unnamed_classes(layout.n_clusters)
+    return Results(layout=layout, classes=classes, named=saved is not None)
 
 
 # ----------------------------------------------------------------------------- derived, cached

@@ -89,7 +89,7 @@ def labelling_config(names: list[str], colours: list[list[int]]) -> str:
 def _image_url(results: Results, index: int, prefix: str | None) -> str:
     if prefix is not None:
         return prefix + quote(results.image_name(index))
-    source = results.sources[index]
+    source = results.source(index)
     path = source.resolve() if source is not None else results.root / "overlays" / results.rels[index]
     return "/data/local-files/?d=" + quote(str(path).lstrip("/"))
 

@@ -46,7 +46,7 @@ def _thumb_size(height: int, width: int) -> tuple[int, int]:
 
 
 def _made_from(results: Results, index: int) -> list[Path | None]:
-    return [results.sources[index], results.cluster_path(index)]
+    return [results.source(index), results.cluster_path(index)]
 
 
 def thumbnail(results: Results, index: int, cache: Path) -> Path:

@@ -93,7 +93,7 @@ class ViewServer(ThreadingHTTPServer):
             "results": str(r.root),
             "n_images": len(r.rels),
             "named": r.named,
-            "images_missing": sum(s is None for s in r.sources),
+            "images_missing": sum(r.source(i) is None for i in range(len(r.rels))),
             "classes": {"names": r.classes.names, "colors": r.classes.colors,
                         "mapping": r.classes.mapping,
                         "share": [float(p) / total for p in class_pixels]},  # fmt: skip
