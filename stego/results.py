@@ -76,11 +76,14 @@ class Results:
             with Image.open(path) as im:
                 ids = np.asarray(im).astype(np.int64)
         except OSError as exc:
-            raise StegoError(f"cannot read the label map {path} ({exc}); rerun stego segment") from exc
+            raise StegoError(
+                f"cannot read the label map {path} ({exc}); rerun stego segment"
+            ) from exc
         if ids.ndim != 2 or (ids.size and ids.max() >= self.n_clusters):
             raise StegoError(
                 f"{path} is not a map of the {self.n_clusters} clusters of {self.root} (shape "
-                f"{ids.shape}, largest id {ids.max(initial=0)}); rerun stego segment into a new --out"
+                f"{ids.shape}, largest id {ids.max(initial=0)}); rerun stego segment into a "
+                "new --out"
             )
         return ids
 
@@ -168,7 +171,9 @@ def open_results(path: str | Path) -> Results:
             f"cannot be read ({exc}); pass the --out of stego segment, or rerun it"
         ) from exc
     if not 2 <= layout.n_clusters <= MAX_CLUSTERS:
-        raise StegoError(f"{root} has {layout.n_clusters} clusters; stego view and export read 2 to 256")
+        raise StegoError(
+            f"{root} has {layout.n_clusters} clusters; stego view and export read 2 to 256"
+        )
     _check_files(layout)
     saved = read_class_map(layout.model_dir)
     if saved is not None and len(saved.mapping) != layout.n_clusters:

@@ -176,7 +176,9 @@ def test_save_merges_two_clusters_and_rejects_bad_names(copy_results: Path) -> N
     assert saved["mapping"] == [0, 0, 1]
     results = open_results(copy_results)
     for i, rel in enumerate(results.rels):  # class ids follow the new map
-        np.testing.assert_array_equal(results.class_ids(i), np.array([0, 0, 1])[label(copy_results, rel)])
+        np.testing.assert_array_equal(
+            results.class_ids(i), np.array([0, 0, 1])[label(copy_results, rel)]
+        )
 
 
 def test_two_saves_at_once_one_is_refused(copy_results: Path, monkeypatch) -> None:
@@ -193,8 +195,11 @@ def test_two_saves_at_once_one_is_refused(copy_results: Path, monkeypatch) -> No
     monkeypatch.setattr(stego.naming, "name_results", slow)
     with running(copy_results) as server:
         answers: list[int] = []
-        first = threading.Thread(target=lambda: answers.append(
-            request(server, "/api/save", {"names": {"0": "first", "1": "x", "2": "y"}})[0]))
+        first = threading.Thread(
+            target=lambda: answers.append(
+                request(server, "/api/save", {"names": {"0": "first", "1": "x", "2": "y"}})[0]
+            )
+        )
         first.start()
         assert started.wait(30)
         status, body = request(server, "/api/save", {"names": {"0": "second"}})
@@ -219,7 +224,8 @@ LOADED = """new Promise((resolve) => {
         tiles: [...document.querySelectorAll('#grid figcaption')].map((f) => f.textContent),
         // share of overlay pixels painted in the colour of their cluster
         painted: canvases.map((c) => {
-          const ids = c.ids.data, shown = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          const ids = c.ids.data;
+          const shown = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
           const colours = clusterColours();
           let same = 0;
           for (let p = 0; p < ids.length; p += 4) {
@@ -251,14 +257,16 @@ AFTER_SAVE = """new Promise((resolve) => {
 
 
 def _click(browser, x: float, y: float, kind: str = "mousePressed") -> None:
-    for event in ((kind, "mouseReleased") if kind == "mousePressed" else (kind,)):
-        browser.call("Input.dispatchMouseEvent",
-                     {"type": event, "x": x, "y": y, "button": "left", "clickCount": 1})  # fmt: skip
+    for event in (kind, "mouseReleased") if kind == "mousePressed" else (kind,):
+        params = {"type": event, "x": x, "y": y, "button": "left", "clickCount": 1}
+        browser.call("Input.dispatchMouseEvent", params)
 
 
 def _centre(browser, selector: str) -> tuple[float, float]:
-    box = browser.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                           ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")
+    box = browser.evaluate(
+        f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+        ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()"
+    )
     return box[0] + box[2] / 2, box[1] + box[3] / 2
 
 
@@ -313,7 +321,8 @@ def test_page_in_chromium_names_clusters(copy_results: Path, tmp_path: Path,
             _click(browser, left + fx * width, top + fy * height, "mouseMoved")
             want = first[int(fy * first.shape[0]), int(fx * first.shape[1])]
             assert browser.evaluate("document.getElementById('hover').textContent") == (
-                f"cluster {want}: cluster {want}")
+                f"cluster {want}: cluster {want}"
+            )
         browser.evaluate("document.getElementById('close').click()")
 
         # rename two clusters to one odd name, save: classes.json and the legend follow

@@ -16,11 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("results", metavar="RESULTS", help="the --out folder of stego segment")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
-    parser.add_argument("--out", required=True,
-                        help="file to write (a folder for --format masks); replaced atomically")
-    parser.add_argument("--image-url", default=None,
-                        help="label-studio: URL prefix of the images (default: Label Studio's "
-                        "local files, /data/local-files/?d=<absolute path>)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="file to write (a folder for --format masks); replaced atomically",
+    )
+    parser.add_argument(
+        "--image-url",
+        default=None,
+        help="label-studio: URL prefix of the images (default: Label Studio's "
+        "local files, /data/local-files/?d=<absolute path>)",
+    )
     parser.set_defaults(func=run)
 
 

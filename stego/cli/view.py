@@ -15,10 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "images with their overlays. Everything the page needs ships with stego: no network.",
     )
     parser.add_argument("results", metavar="RESULTS", help="the --out folder of stego segment")
-    parser.add_argument("--port", type=int, default=0,
-                        help="port on 127.0.0.1 (default: a free one, printed)")
-    parser.add_argument("--open", action="store_true",
-                        help="also open the page in the default web browser")
+    parser.add_argument(
+        "--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one, printed)"
+    )
+    parser.add_argument(
+        "--open", action="store_true", help="also open the page in the default web browser"
+    )
     parser.set_defaults(func=run)
 
 

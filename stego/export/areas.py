@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from stego.atomic import atomic_write
-from stego.export.common import csv_text
+from stego.export.common import csv_text, hex_colour
 from stego.results import Results, cluster_counts
 
 __all__ = ["write", "summary_path"]
@@ -33,7 +33,7 @@ def write(results: Results, out: Path, *, progress: bool = True, **_: Any) -> li
     summary: list[list[Any]] = [["class", "color", "pixel_share", "images", "mean_image_share"]]
     total = max(int(area.sum()), 1)
     for k, name in enumerate(names):
-        colour = "#{:02x}{:02x}{:02x}".format(*results.classes.colors[k])
+        colour = hex_colour(results.classes.colors[k])
         summary.append([name, colour, f"{pixels[:, k].sum() / total:.6f}",
                         int((pixels[:, k] > 0).sum()), f"{shares[:, k].mean():.6f}"])  # fmt: skip
     second = summary_path(out)

@@ -11,7 +11,7 @@ import numpy as np
 
 from stego.results import Results
 
-__all__ = ["each_image", "slug", "csv_text"]
+__all__ = ["each_image", "slug", "csv_text", "hex_colour"]
 
 
 def each_image(results: Results, progress: bool, what: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -25,6 +25,11 @@ def each_image(results: Results, progress: bool, what: str) -> Iterator[tuple[in
 def slug(name: str) -> str:
     """A class name as a file-name part: letters, digits, ``.-_``; the rest becomes ``_``."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "class"
+
+
+def hex_colour(rgb: list[int]) -> str:
+    """``[255, 64, 0]`` -> ``"#ff4000"``."""
+    return "#" + "".join(f"{int(v):02x}" for v in rgb)
 
 
 def csv_text(rows: list[list[object]]) -> str:

@@ -31,7 +31,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from stego.atomic import atomic_write
-from stego.export.common import each_image
+from stego.export.common import each_image, hex_colour
 from stego.results import Results
 
 __all__ = ["write", "brush_rle", "config_path", "labelling_config"]
@@ -78,7 +78,7 @@ def config_path(out: Path) -> Path:
 
 def labelling_config(names: list[str], colours: list[list[int]]) -> str:
     labels = "\n".join(
-        f"    <Label value={quoteattr(n)} background={quoteattr('#%02x%02x%02x' % tuple(c))}/>"
+        f"    <Label value={quoteattr(n)} background={quoteattr(hex_colour(c))}/>"
         for n, c in zip(names, colours, strict=True)
     )
     return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
@@ -90,7 +90,9 @@ def _image_url(results: Results, index: int, prefix: str | None) -> str:
     if prefix is not None:
         return prefix + quote(results.image_name(index))
     source = results.source(index)
-    path = source.resolve() if source is not None else results.root / "overlays" / results.rels[index]
+    path = (
+        source.resolve() if source is not None else results.root / "overlays" / results.rels[index]
+    )
     return "/data/local-files/?d=" + quote(str(path).lstrip("/"))
 
 

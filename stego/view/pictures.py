@@ -30,7 +30,9 @@ DIM_OUTSIDE = 0.3  # brightness of the pixels around a cluster in its crops
 
 def _cached(path: Path, made_from: list[Path | None], make: Callable[[], Image.Image],
             fmt: str) -> Path:  # fmt: skip
-    newest = max((p.stat().st_mtime_ns for p in made_from if p is not None and p.is_file()), default=0)
+    newest = max(
+        (p.stat().st_mtime_ns for p in made_from if p is not None and p.is_file()), default=0
+    )
     if path.is_file() and path.stat().st_mtime_ns >= newest:
         return path
     buffer = io.BytesIO()

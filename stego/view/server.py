@@ -42,8 +42,12 @@ from stego.view import pictures
 __all__ = ["ViewServer", "make_server", "serve", "check_names"]
 
 STATIC = Path(__file__).resolve().parent / "static"
-PAGES = {"/": "index.html", "/static/app.js": "app.js", "/static/style.css": "style.css",
-         "/favicon.ico": "icon.svg"}
+PAGES = {
+    "/": "index.html",
+    "/static/app.js": "app.js",
+    "/static/style.css": "style.css",
+    "/favicon.ico": "icon.svg",
+}
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".json": "application/json",
          ".jpg": "image/jpeg", ".png": "image/png", ".svg": "image/svg+xml"}  # fmt: skip
@@ -94,9 +98,12 @@ class ViewServer(ThreadingHTTPServer):
             "n_images": len(r.rels),
             "named": r.named,
             "images_missing": sum(r.source(i) is None for i in range(len(r.rels))),
-            "classes": {"names": r.classes.names, "colors": r.classes.colors,
-                        "mapping": r.classes.mapping,
-                        "share": [float(p) / total for p in class_pixels]},  # fmt: skip
+            "classes": {
+                "names": r.classes.names,
+                "colors": r.classes.colors,
+                "mapping": r.classes.mapping,
+                "share": [float(p) / total for p in class_pixels],
+            },  # fmt: skip
             "clusters": clusters,
         }
 
@@ -142,7 +149,9 @@ def check_names(raw: Any, n_clusters: int) -> dict[int, str]:
     out: dict[int, str] = {}
     for key, name in names.items():
         if not str(key).isdigit() or not 0 <= int(key) < n_clusters:
-            raise StegoError(f"cluster {key!r} does not exist: the clusters are 0 to {n_clusters - 1}")
+            raise StegoError(
+                f"cluster {key!r} does not exist: the clusters are 0 to {n_clusters - 1}"
+            )
         if not isinstance(name, str) or not name.strip():
             raise StegoError(f"cluster {key} needs a name that is not empty")
         name = name.strip()
