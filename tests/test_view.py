@@ -256,6 +256,17 @@ AFTER_SAVE = """new Promise((resolve) => {
 })"""
 
 
+LARGE_SHOWN = """new Promise((resolve) => {
+  const check = () => {
+    const photo = document.querySelector('#large img.photo');
+    const ready = photo && photo.complete && photo.naturalWidth && document.querySelector(
+      '#large canvas').ids;
+    ready ? resolve(true) : setTimeout(check, 50);
+  };
+  check();
+})"""
+
+
 def _click(browser, x: float, y: float, kind: str = "mousePressed") -> None:
     for event in (kind, "mouseReleased") if kind == "mousePressed" else (kind,):
         params = {"type": event, "x": x, "y": y, "button": "left", "clickCount": 1}
@@ -311,8 +322,7 @@ def test_page_in_chromium_names_clusters(copy_results: Path, tmp_path: Path,
 
         # hover in the large view shows the cluster under the cursor
         _click(browser, *_centre(browser, "#grid figure"))
-        browser.evaluate("new Promise((r) => { const c = () => document.querySelector("
-                         "'#large canvas').ids ? r(1) : setTimeout(c, 50); c(); })")  # fmt: skip
+        browser.evaluate(LARGE_SHOWN)
         left, top, width, height = browser.evaluate(
             "(() => { const r = document.querySelector('#large .stack').getBoundingClientRect();"
             " return [r.x, r.y, r.width, r.height]; })()")  # fmt: skip
@@ -346,3 +356,16 @@ def test_page_in_chromium_names_clusters(copy_results: Path, tmp_path: Path,
     assert min(reloaded["painted"]) == 1.0
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 50  # table, crops, grid drawn
+
+
+def test_cli_view_refuses_bad_input(segment_results: Path, tmp_path: Path, capsys) -> None:
+    from stego.cli import main
+
+    assert main(["view", str(tmp_path)]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["view", str(segment_results), "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err

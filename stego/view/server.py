@@ -22,11 +22,13 @@ which a page of another origin cannot do without a CORS permission this server n
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
 import threading
 import webbrowser
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +59,40 @@ MAX_PAGE = 200  # images per /api/images answer
 MAX_BODY = 1 << 20
 
 
+class SharedLock:
+    """Many holders at once (requests reading label maps) or one alone (a save, which moves
+    them: the first naming turns ``labels/`` into class ids and keeps the cluster ids in
+    ``clusters/``, so a picture made during the swap could read the wrong ids)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._readers, self._writing = 0, False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._writing and self._readers == 0)
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
 class ViewServer(ThreadingHTTPServer):
     """The HTTP server with the RESULTS folder it shows."""
 
@@ -66,7 +102,8 @@ class ViewServer(ThreadingHTTPServer):
         self.results = results
         self.counts = cluster_counts(results, progress=progress)
         self.cache = cache_dir(results)
-        self.save_lock = threading.Lock()
+        self.save_lock = threading.Lock()  # a second save while one runs is refused
+        self.files = SharedLock()
         try:
             super().__init__(("127.0.0.1", port), Handler)
         except OSError as exc:
@@ -130,8 +167,9 @@ class ViewServer(ThreadingHTTPServer):
         if not self.save_lock.acquire(blocking=False):
             raise Busy("another save is running; wait for it to finish and save again")
         try:
-            name_results(self.results.root, names=names, progress=False)
-            self.results.reload_classes()
+            with self.files.alone():
+                name_results(self.results.root, names=names, progress=False)
+                self.results.reload_classes()
         finally:
             self.save_lock.release()
         return self.state()
@@ -222,15 +260,25 @@ class Handler(BaseHTTPRequestHandler):
             cluster = query.get("cluster", [""])[0]
             return self._json(s.images(number("offset", 0), number("limit", 48),
                                        int(cluster) if cluster.isdigit() else None))  # fmt: skip
+        with s.files.shared():  # not while a save moves the label maps
+            found = self._picture(path)
+            body = found.read_bytes() if found is not None else None
+        if found is None or body is None:
+            return self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+        self._send(HTTPStatus.OK, body, TYPES[found.suffix], cache=True)
+
+    def _picture(self, path: str) -> Path | None:
+        """The picture file ``path`` asks for (made and cached if needed), or None."""
+        s = self.server
         for pattern, make in PICTURES.values():
             if (match := pattern.fullmatch(path)) and self._image(int(match[1])):
-                return self._file(make(s.results, int(match[1]), s.cache))
+                return make(s.results, int(match[1]), s.cache)
         if (match := IDS.fullmatch(path)) and self._image(int(match[1])):
-            return self._file(s.results.cluster_path(int(match[1])))
+            return s.results.cluster_path(int(match[1]))
         match = CROP.fullmatch(path)
         if match and int(match[2]) in s.crops(int(match[1])):
-            return self._file(pictures.crop(s.results, int(match[1]), int(match[2]), s.cache))
-        self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+            return pictures.crop(s.results, int(match[1]), int(match[2]), s.cache)
+        return None
 
     def _image(self, index: int) -> bool:
         return 0 <= index < len(self.server.results.rels)
