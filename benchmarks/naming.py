@@ -347,6 +347,31 @@ def time_naming(data_root: Path, work: Path, k: int = 44, n: int = 10) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
 
+def table(path: str) -> str:
+    """Markdown table of a results file: mean mIoU (min-max over draws) per fold, method, K, N."""
+    import json
+    from collections import defaultdict
+
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    lines = []
+    for record in map(json.loads, open(path)):
+        if "labelled" in record:
+            key = (record["fold"], record["method"], record["clusters"], record["labelled"])
+            cells[key].append(record["miou"])
+        elif "miou" in record:
+            lines.append(f"- {record['fold']}: {record['method']} {record['miou']}")
+    ns = sorted({k[3] for k in cells})
+    rows = [f"| fold | method | K | {' | '.join(f'N = {n}' for n in ns)} |"]
+    rows.append("|---" * (3 + len(ns)) + "|")
+    for fold, method, k in sorted({k[:3] for k in cells}):
+        values = []
+        for n in ns:
+            v = cells.get((fold, method, k, n), [])
+            values.append(f"{np.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else "-")
+        rows.append(f"| {fold} | {method} | {k} | {' | '.join(values)} |")
+    return "\n".join(rows + [""] + lines)
+
+
 def main() -> None:
     parser = fold_parser(__doc__, "/tmp/stego-bench/naming")
     parser.add_argument("--clusters", type=int, nargs="+", default=[11, 22, 44])
@@ -364,7 +389,11 @@ def main() -> None:
         choices=["majority", "probe", "probe-feat"],
     )  # fmt: skip
     parser.add_argument("--speed", action="store_true", help="only time `stego name`")
+    parser.add_argument("--table", default=None, help="print the table of this results file")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     if args.speed:
         emit(time_naming(Path(args.data_root), Path(args.work)), args.out)
         return
