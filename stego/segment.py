@@ -60,6 +60,9 @@ PROBE_FIT_IMAGES = 64
 # measured on folders of 101-367 images (+1.4 mIoU), and on the 4 photos of `stego demo` it
 # merged the cat, the cup and the backgrounds into one cluster that training's fit kept apart.
 FOLDER_FIT_MIN_IMAGES = 64
+# With labels (`--labels`), clusters found before naming when --clusters is not given: naming
+# works best with more clusters than classes (docs/benchmarks.md, "Naming clusters").
+NAMED_CLUSTERS = 44
 
 
 @dataclass
@@ -256,7 +259,8 @@ def _cluster_sizes(out: Path, clusters: int) -> list[float]:
     from PIL import Image
 
     counts = np.zeros(clusters, dtype=np.int64)
-    for path in (out / "labels").rglob("*.png"):
+    named = (out / "clusters").is_dir()  # named by `stego name`: labels/ hold class ids
+    for path in (out / ("clusters" if named else "labels")).rglob("*.png"):
         with Image.open(path) as im:
             counts += np.bincount(np.asarray(im).ravel(), minlength=clusters)[:clusters]
     total = max(int(counts.sum()), 1)
@@ -267,7 +271,8 @@ def segment_folder(
     input_dir: str | Path,
     out_dir: str | Path,
     *,
-    clusters: int,
+    clusters: int | None = None,
+    labels: str | Path | None = None,
     backbone: str | None = None,
     layer: int | None = None,
     steps: int | None = None,
@@ -286,6 +291,11 @@ def segment_folder(
     ``method``: "stego" (default) or "cause" (``model.method``: CAUSE's clusterbook and head,
     its default settings; the rest of the run is the same).
 
+    ``labels``: a LABELS folder (label PNGs for some of the images, same relative path and
+    stem; ``classes.txt``): the clusters are then named after the labelled pixels' majority
+    class (:func:`stego.naming.name_results`) and ``labels/`` hold class ids; ``clusters``
+    defaults to ``NAMED_CLUSTERS`` then. Without labels, ``clusters`` is required.
+
     ``verbose``: also what the libraries print during training (hidden by default).
     ``resolution`` and ``batch_size`` default to the config's (:class:`stego.config.DataConfig`);
     the resolution is then rounded down to a multiple of the backbone's patch size.
@@ -301,6 +311,9 @@ def segment_folder(
     from stego.train.trainer import train
 
     input_dir, out = Path(input_dir).expanduser(), Path(out_dir).expanduser()
+    if clusters is None and labels is None:
+        raise StegoError("say how many kinds of things to find (--clusters K), or pass --labels")
+    clusters = clusters or NAMED_CLUSTERS
     if clusters < 2:
         raise StegoError(f"--clusters must be at least 2, got {clusters}")
     if method not in ("stego", "cause"):
@@ -308,6 +321,10 @@ def segment_folder(
     images = collect_images([input_dir], exclude=out)
     if len(images) < 2:
         raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
+    if labels is not None:  # bad labels fail now, not after the training
+        from stego.naming.labels import check_labels
+
+        check_labels(labels, images)
     if backbone is None:
         backbone, default_layer = default_backbone()
         layer = default_layer if layer is None else layer
@@ -396,4 +413,9 @@ def segment_folder(
     }
     with atomic_write(out / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)
+    if labels is not None:
+        from stego.naming import name_results
+
+        name_results(out, labels=labels, progress=progress)
+        summary = json.loads((out / "summary.json").read_text())
     return summary

@@ -289,3 +289,38 @@ def test_onnx_export_gives_class_ids(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         want = model.predict(images, flip=False)
     assert (class_ids == want.numpy()).mean() > 0.99  # float ties of the argmax may differ
+
+
+# ------------------------------------------------------------------------ stego segment --labels
+
+
+def test_segment_with_labels_writes_class_ids(tmp_path: Path) -> None:
+    _write_images(tmp_path / "images")
+    labels = _write_labels(tmp_path / "labels")
+    argv = ["segment", str(tmp_path / "images"), "--labels", str(labels), "--clusters", "3"]
+    argv += ["--backbone", "tiny-vit", "--steps", "4", "--resolution", "32", "--quiet"]
+    argv += ["--out", str(tmp_path / "out")]
+    with pytest.warns(UserWarning, match="green"):
+        assert main(argv) == 0
+    out = tmp_path / "out"
+    cmap = read_class_map(out / "model")
+    assert cmap is not None and cmap.names == ["red", "blue", "green"] and cmap.n_clusters == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["naming"]["labelled_images"] == 2 and summary["classes"] == cmap.names
+    assert len(summary["cluster_pixel_fraction"]) == 3
+    rels = sorted(p.relative_to(out / "clusters") for p in (out / "clusters").rglob("*.png"))
+    assert len(rels) == 4
+    for rel in rels:
+        want = np.asarray(cmap.mapping)[_read(out / "clusters" / rel)]
+        assert np.array_equal(_read(out / "labels" / rel), want)
+
+
+def test_segment_refuses_bad_labels_before_training(tmp_path: Path) -> None:
+    _write_images(tmp_path / "images")
+    labels = _write_labels(tmp_path / "labels")
+    Image.fromarray(_label((30, 20))).save(labels / "img0.png")
+    with pytest.raises(StegoError, match="img0.png is 30x20 but its image is 64x48"):
+        segment_folder(tmp_path / "images", tmp_path / "out", labels=labels, backbone="tiny-vit")
+    assert not (tmp_path / "out" / "work").exists()
+    with pytest.raises(StegoError, match="--clusters"):
+        segment_folder(tmp_path / "images", tmp_path / "out", backbone="tiny-vit")

@@ -19,7 +19,15 @@ from stego.errors import StegoError
 from stego.models.class_map import ClassMap
 from stego.naming.names import class_colors, read_classes_txt
 
-__all__ = ["VOID", "LabelSet", "read_label_set", "read_label", "count_pairs", "majority_class_map"]
+__all__ = [
+    "VOID",
+    "LabelSet",
+    "read_label_set",
+    "read_label",
+    "check_labels",
+    "count_pairs",
+    "majority_class_map",
+]
 
 VOID = 255  # label value of unlabelled pixels
 
@@ -93,6 +101,20 @@ def read_label(path: Path, n_classes: int, shape: tuple[int, int]) -> np.ndarray
             f"classes.txt (ids 0-{n_classes - 1}, {VOID} = void); add the classes or fix the file"
         )
     return np.where(label == VOID, -1, label)
+
+
+def check_labels(labels_dir: str | Path, images: list[tuple[Path, Path]]) -> LabelSet:
+    """Check a LABELS folder against the images to segment, (source, relative output path)
+    pairs, before any work: every label file matches an image, has its size and known ids."""
+    from PIL import Image, ImageOps
+
+    label_set = read_label_set(labels_dir, [rel for _, rel in images])
+    sources = {rel: source for source, rel in images}
+    for rel, path in label_set.files.items():
+        with Image.open(sources[rel]) as image:
+            width, height = ImageOps.exif_transpose(image).size  # as the image is read
+        read_label(path, len(label_set.names), (height, width))
+    return label_set
 
 
 def count_pairs(
