@@ -235,13 +235,14 @@ def cluster_counts(results: Results, *, progress: bool = False) -> ClusterCounts
     todo = np.ones(len(paths), dtype=bool)
     cached = cache_dir(results) / "counts.npz"
     if cached.is_file():
-        with np.load(cached) as old:
-            if old["pixels"].shape[1] == k:
-                row = {name: j for j, name in enumerate(old["names"].tolist())}
-                for i, name in enumerate(names.tolist()):
-                    j = row.get(name)
-                    if j is not None and (old["stats"][j] == stats[i]).all():
-                        pixels[i], sizes[i], todo[i] = old["pixels"][j], old["sizes"][j], False
+        with np.load(cached) as stored:
+            old = {key: stored[key] for key in stored.files}  # each access would unzip again
+        if old["pixels"].shape[1] == k:
+            row = {name: j for j, name in enumerate(old["names"].tolist())}
+            for i, name in enumerate(names.tolist()):
+                j = row.get(name)
+                if j is not None and (old["stats"][j] == stats[i]).all():
+                    pixels[i], sizes[i], todo[i] = old["pixels"][j], old["sizes"][j], False
     if todo.any():
         indices = np.flatnonzero(todo).tolist()
         shown = progress and len(indices) > 100

@@ -100,6 +100,25 @@ def test_results_refuses_folders_that_are_not_segment_outputs(copy_results: Path
         open_results(copy_results).cluster_ids(0)
 
 
+def test_pixel_counts_are_cached_and_recounted_when_a_map_changes(copy_results: Path,
+                                                                  monkeypatch) -> None:  # fmt: skip
+    from stego.results import Results, cluster_counts
+
+    first = cluster_counts(open_results(copy_results))
+    want = [np.bincount(label(copy_results, r).ravel(), minlength=3) for r in
+            open_results(copy_results).rels]  # fmt: skip
+    np.testing.assert_array_equal(first.pixels, np.stack(want))
+    changed = copy_results / "labels" / open_results(copy_results).rels[2]
+    Image.fromarray(np.full((48, 64), 2, np.uint8)).save(changed)
+    read: list[int] = []
+    real = Results.cluster_ids
+    monkeypatch.setattr(Results, "cluster_ids", lambda self, i: read.append(i) or real(self, i))
+    again = cluster_counts(open_results(copy_results))
+    assert read == [2]  # only the changed map is read again
+    assert again.pixels[2].tolist() == [0, 0, 48 * 64]
+    np.testing.assert_array_equal(np.delete(again.pixels, 2, 0), np.delete(first.pixels, 2, 0))
+
+
 # ----------------------------------------------------------------------------- the server
 
 
