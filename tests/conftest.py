@@ -78,3 +78,44 @@ def chromium() -> str:
     if exe is None:
         skip_unless_ci("Chromium not installed (Debian: apt-get install chromium)")
     return exe
+
+
+def write_test_images(folder: Path, n: int = 6, size: tuple[int, int] = (64, 48)) -> None:
+    """``n`` small photos-like images (two kinds of things: red left, blue right, noise), half
+    of them in a nested folder, as PNG and JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "nested").mkdir(parents=True)
+    for i in range(n):
+        img = np.zeros((size[1], size[0], 3), np.uint8)
+        split = size[0] // 2 + (i - n // 2) * 4
+        img[:, :split] = (200, 30, 30)
+        img[:, split:] = (30, 30, 200)
+        img[: size[1] // 4] = (30, 190, 40)  # a green band on top
+        img = np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
+        target = folder / ("nested" if i % 2 else ".") / f"img{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(img).save(target)
+
+
+@pytest.fixture(scope="session")
+def segment_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real `stego segment` output (tiny random ViT, 3 clusters, 6 images), made once per
+    session. Tests that change it work on a copy (``copy_results``)."""
+    from stego.segment import segment_folder
+
+    root = tmp_path_factory.mktemp("results")
+    write_test_images(root / "images")
+    segment_folder(root / "images", root / "out", clusters=3, backbone="tiny-vit", steps=4,
+                   resolution=32, progress=False)  # fmt: skip
+    return root / "out"
+
+
+@pytest.fixture()
+def copy_results(segment_results: Path, tmp_path: Path) -> Path:
+    """A copy of ``segment_results`` this test may change (the images stay where they are)."""
+    import shutil
+
+    target = tmp_path / "results"
+    shutil.copytree(segment_results, target, ignore=shutil.ignore_patterns("work"))
+    return target

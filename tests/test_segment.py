@@ -11,7 +11,8 @@ from PIL import Image
 
 from stego.cli import main
 from stego.errors import StegoError
-from stego.segment import SEMANTIC_BACKBONES, choose_steps, default_backbone, segment_folder
+from stego.models.choice import SEMANTIC_BACKBONES
+from stego.segment import choose_steps, default_backbone, segment_folder
 
 
 def _write_images(folder: Path, n: int = 4, size: tuple[int, int] = (64, 48)) -> None:

@@ -69,4 +69,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {summary['outputs']['contact_sheet']}   (images and their segments)")
     print(f"  {summary['outputs']['overlays']}/")
     print(f"  {out / 'results' / 'summary.json'}")
+    print(f"See, name and merge the clusters in your browser: stego view {out / 'results'}")
     return 0

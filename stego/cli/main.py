@@ -23,6 +23,9 @@ from stego.errors import StegoError
 COMMANDS: tuple[str, ...] = (
     "demo",
     "segment",
+    "name",
+    "view",
+    "export",
     "crop",
     "features",
     "knn",
@@ -41,6 +44,9 @@ DESCRIPTION = """\
 Unsupervised semantic segmentation with STEGO.
 
 Quick start on your own images:   stego segment DIR --clusters K --out OUT
+Name the clusters:                stego name OUT --labels LABELS  (or --names "0=sky,1=road")
+See, name and merge them:         stego view OUT
+Use them elsewhere:               stego export OUT --format coco|masks|areas|label-studio --out PATH
 Research pipeline (paper datasets):
   1. stego crop      five-crop a training split once (COCO-Stuff, Cityscapes)
   2. stego features  cache frozen backbone features (optional; training then skips the backbone)

@@ -68,10 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--probe",
-        choices=("cluster", "linear"),
-        default="cluster",
-        help="cluster: unsupervised cluster ids (default); linear: class ids from "
-        "the supervised linear probe, when the model has one",
+        choices=("class", "cluster", "linear"),
+        default=None,
+        help="class: class ids of named clusters (the default once `stego name` named them); "
+        "cluster: unsupervised cluster ids (the default before); linear: class ids from the "
+        "supervised linear probe, when the model has one",
     )
     parser.add_argument(
         "--max-side",

@@ -18,8 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--clusters",
         "-k",
         type=int,
-        required=True,
-        help="how many kinds of things to find (e.g. 5-30)",
+        default=None,
+        help="how many kinds of things to find (e.g. 5-30); with --labels, how many clusters "
+        "to find before naming them (default 44: naming works best with more clusters than "
+        "classes)",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="folder of label PNGs for some of the images (same relative path and stem, .png; "
+        "class id per pixel, 255 = void) and classes.txt (one class name a line, line i = id "
+        "i): the clusters are named after their labelled pixels' majority class and OUT/labels/ "
+        "hold class ids for every image (cluster ids in OUT/clusters/)",
     )
     parser.add_argument(
         "--out",
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         args.input,
         args.out or default_out_dir(args.input),
         clusters=args.clusters,
+        labels=args.labels,
         backbone=args.backbone,
         weights=args.weights,
         layer=args.layer,
@@ -117,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     out = summary["outputs"]
     print(f"segmented {summary['n_images']} images in {summary['total_seconds']:.0f} s")
     print(f"  labels:        {out['labels']}")
+    if "clusters" in out:
+        print(f"  clusters:      {out['clusters']}  (classes: {', '.join(summary['classes'])})")
     print(f"  overlays:      {out['overlays']}")
     print(f"  contact sheet: {out['contact_sheet']}")
     print(f"  model:         {out['model']}  (stego predict --checkpoint {out['model']} ...)")

@@ -12,6 +12,9 @@ Two graphs:
   ``Segmenter.forward(images, flip=flip)``. H and W are fixed at export (the position
   embedding is resized for them); the batch axis is dynamic.
 
+A model whose clusters are named (:mod:`stego.naming`) gets a third output, ``class_ids``
+(B, h, w) / (B, H, W) int64: the class of the most probable cluster, as ``Segmenter.predict``.
+
 The legacy TorchScript exporter is used (no onnxscript needed); the file is written atomically
 after onnxruntime reproduced PyTorch's output on a random batch of 2. Models over 2 GB (ViT-g)
 do not fit one ONNX protobuf and are refused by the exporter.
@@ -45,10 +48,11 @@ class HeadGraph(nn.Module):
             model.cluster_probe.clusters.detach().clone(), requires_grad=False
         )
         self.alpha = float(model.meta.alpha)
+        self.lookup = _class_lookup(model)
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
         code = self.head(features).code  # (B, D, h, w)
-        return code, _cluster_log_probs(code, self.clusters, self.alpha)
+        return _with_classes(code, _cluster_log_probs(code, self.clusters, self.alpha), self.lookup)
 
 
 class ImageGraph(nn.Module):
@@ -58,10 +62,24 @@ class ImageGraph(nn.Module):
         super().__init__()
         self.model = model
         self.flip = flip
+        self.lookup = _class_lookup(model)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.model(images, flip=self.flip)
-        return out.code, out.cluster_log_probs
+        return _with_classes(out.code, out.cluster_log_probs, self.lookup)
+
+
+def _class_lookup(model: Any) -> Tensor | None:
+    """(K,) cluster id -> class id of a model with named clusters, else None."""
+    classes = getattr(model, "classes", None)
+    return classes.lookup() if classes is not None else None
+
+
+def _with_classes(code: Tensor, log_probs: Tensor, lookup: Tensor | None) -> tuple[Tensor, ...]:
+    """(code, log_probs) and, for named clusters, class ids (B, H, W) of the best cluster."""
+    if lookup is None:
+        return code, log_probs
+    return code, log_probs, lookup[log_probs.argmax(dim=1)]
 
 
 def _cluster_log_probs(code: Tensor, clusters: Tensor, alpha: float) -> Tensor:
@@ -79,9 +97,16 @@ def _export_bytes(
     graph: nn.Module, example: Tensor, input_name: str, dynamic: dict[int, str], opset: int
 ) -> bytes:
     buffer = io.BytesIO()
-    axes = {input_name: dynamic, "code": {0: "batch"}, "cluster_log_probs": {0: "batch"}}
+    outputs = ["code", "cluster_log_probs"]
+    if getattr(graph, "lookup", None) is not None:
+        outputs.append("class_ids")
+    axes: dict[str, dict[int, str]] = {input_name: dynamic}
+    for name in outputs:
+        axes[name] = {0: "batch"}
     if len(dynamic) > 1:  # head graph: spatial axes follow the input
         axes["code"] = axes["cluster_log_probs"] = dynamic
+        if "class_ids" in axes:
+            axes["class_ids"] = {0: "batch", 1: "height", 2: "width"}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on Python bools: shapes are fixed here
@@ -90,7 +115,7 @@ def _export_bytes(
                 (example,),
                 buffer,
                 input_names=[input_name],
-                output_names=["code", "cluster_log_probs"],
+                output_names=outputs,
                 dynamic_axes=axes,
                 opset_version=opset,
                 dynamo=False,
@@ -116,7 +141,9 @@ def _check(data: bytes, graph: nn.Module, sample: Tensor, input_name: str) -> fl
     got = session.run(None, {input_name: sample.cpu().numpy()})
     with torch.no_grad():
         want = [t.detach().cpu().numpy() for t in graph(sample)]
-    return max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    return max(
+        float(np.abs(g.astype(np.float64) - w).max()) for g, w in zip(got, want, strict=True)
+    )
 
 
 def export_onnx(

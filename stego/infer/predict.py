@@ -4,8 +4,10 @@
 can open (grayscale, RGBA, palette, CMYK, 16-bit, EXIF-rotated), predicts each at its own
 resolution and writes, under ``out_dir``:
 
-- ``labels/<relative path>.png``: uint8 cluster ids (``probe="cluster"``, the default: the
-  unsupervised output) or class ids (``probe="linear"``, needs a linear probe), original size;
+- ``labels/<relative path>.png``: uint8 cluster ids (``probe="cluster"``: the unsupervised
+  output), class ids of named clusters (``probe="class"``, the default once the model's
+  clusters are named, :mod:`stego.naming`) or of the linear probe (``probe="linear"``, needs
+  one), original size;
 - ``overlays/<relative path>.png``: the colour map blended over the image;
 - ``clusters.json``: the legend, id -> RGB colour (and class name when known);
 - ``skipped.txt``: unreadable images with the reason (only with ``skip_bad``; empty otherwise).
@@ -33,7 +35,8 @@ from torch import Tensor
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
-from stego.viz import default_palette, overlay
+from stego.infer.legend import legend
+from stego.viz import overlay
 
 if TYPE_CHECKING:
     from stego.models.segmenter import PaddedCode
@@ -133,34 +136,6 @@ def _inside(out_dir: Path, rel: Path) -> Path:
     if rel.is_absolute() or ".." in rel.parts or out_dir.resolve() not in target.parents:
         raise StegoError(f"output path {rel} escapes the output folder {out_dir}; rename the input")
     return out_dir / rel
-
-
-# ----------------------------------------------------------------------------- colours
-
-
-def legend(model: Any, probe: str = "cluster") -> list[dict[str, Any]]:
-    """Legend of the written ids: ``[{"id", "color": [r, g, b], "class_name"?}]``.
-
-    Class ids (linear probe) use the model's class names and palette. Cluster ids use the
-    palette of their matched class when ``meta.extra["assignment"]`` (cluster -> class, as
-    found by Hungarian matching at evaluation) is known, else distinct default colours.
-    """
-    meta = model.meta
-    names = list(meta.class_names or [])
-    palette = [list(map(int, c)) for c in (meta.palette or [])]
-    n = int(meta.n_classes or 0) if probe == "linear" else int(meta.n_clusters)
-    fallback = default_palette(n).tolist()
-    assignment = meta.extra.get("assignment") if probe == "cluster" else list(range(n))
-    entries = []
-    for k in range(n):
-        entry: dict[str, Any] = {"id": k, "color": fallback[k]}
-        cls = assignment[k] if assignment is not None and k < len(assignment) else None
-        if cls is not None and 0 <= cls < len(palette):
-            entry["color"] = palette[cls]
-        if cls is not None and 0 <= cls < len(names):
-            entry["class_name"] = names[cls]
-        entries.append(entry)
-    return entries
 
 
 # ----------------------------------------------------------------------------- loading
@@ -302,6 +277,8 @@ def _maps(
     if not crf:
         return model.predict(net_in, flip=flip, size=(height, width), probe=probe)
     out = model(net_in, flip=flip, size=(height, width))
+    if probe == "class":
+        return model.classes.merge_log_probs(out.cluster_log_probs)
     if probe == "linear":
         if out.linear_log_probs is None:
             raise StegoError(
@@ -361,7 +338,7 @@ def predict_paths(
     device: str | torch.device = "cpu",
     skip_bad: bool = False,
     progress: bool = True,
-    probe: str = "cluster",
+    probe: str | None = None,
     max_side: int | None = 1024,
     num_workers: int = 2,
     encoded: Sequence[EncodedImage] = (),
@@ -377,8 +354,11 @@ def predict_paths(
     raise :class:`StegoError` naming the file, or with ``skip_bad`` are listed in the summary
     and ``skipped.txt``. Outputs that already exist are not recomputed.
     """
-    if probe not in ("cluster", "linear"):
-        raise StegoError(f"unknown probe {probe!r}; valid: cluster, linear")
+    probe = probe or model.default_probe()
+    if probe not in ("class", "cluster", "linear"):
+        raise StegoError(f"unknown probe {probe!r}; valid: class, cluster, linear")
+    if probe == "class" and model.classes is None:
+        raise StegoError("probe='class' needs named clusters (stego name); use probe='cluster'")
     if batch_size < 1:
         raise StegoError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)

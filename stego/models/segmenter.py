@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from stego.data.transforms import pad_to_multiple
 from stego.errors import StegoError
+from stego.models.class_map import ClassMap, read_class_map, write_class_map
 from stego.models.heads import SegmentationHead
 from stego.models.probes import ClusterProbe, LinearProbe
 
@@ -163,8 +164,15 @@ class PaddedCode(NamedTuple):
     own_size: tuple[int, int]  # (H, W) of the images before padding
 
 
+PROBES = ("class", "cluster", "linear")
+
+
 class Segmenter(nn.Module):
-    """Backbone + head + cluster probe (+ optional linear probe), with the paper's prediction."""
+    """Backbone + head + cluster probe (+ optional linear probe), with the paper's prediction.
+
+    ``classes`` (a :class:`stego.models.class_map.ClassMap`, None until the clusters are named)
+    maps cluster ids to class ids: once set, :meth:`predict` returns class ids by default.
+    """
 
     def __init__(
         self,
@@ -180,6 +188,20 @@ class Segmenter(nn.Module):
         self.cluster_probe = cluster_probe
         self.linear_probe = linear_probe
         self.meta = meta
+        self.classes: ClassMap | None = None
+
+    def set_classes(self, classes: ClassMap | None) -> None:
+        """Name the clusters (``classes.mapping``: cluster id -> class id), or unname them."""
+        if classes is not None and classes.n_clusters != self.meta.n_clusters:
+            raise StegoError(
+                f"the class map names {classes.n_clusters} clusters but the model has "
+                f"{self.meta.n_clusters}; name this model's clusters again (stego name)"
+            )
+        self.classes = classes
+
+    def default_probe(self) -> str:
+        """The default probe: "class" once the clusters are named, else "cluster"."""
+        return "class" if self.classes is not None else "cluster"
 
     @classmethod
     def from_pretrained(
@@ -205,6 +227,7 @@ class Segmenter(nn.Module):
             backbone_pretrained=not included,  # included: weights come from the state
             source=str(directory / WEIGHTS_FILE),
         )
+        model.set_classes(read_class_map(directory))
         digest = getattr(model.backbone, "weights_digest", "")
         if meta.backbone_digest and digest and digest != meta.backbone_digest and not included:
             warnings.warn(
@@ -221,7 +244,9 @@ class Segmenter(nn.Module):
         train_config: dict[str, Any] | None = None,
         include_backbone: bool = False,
     ) -> Path:
-        """Write the model to ``directory`` (created; see :mod:`stego.models.files`)."""
+        """Write the model to ``directory`` (created; see :mod:`stego.models.files`), with its
+        class map in ``classes.json`` when the clusters are named."""
+        from stego.models.class_map import CLASSES_FILE
         from stego.models.files import write_model_dir
 
         state = {
@@ -235,7 +260,12 @@ class Segmenter(nn.Module):
             "includes_backbone": include_backbone,
             "train_config": train_config,
         }
-        return write_model_dir(directory, state, config)
+        written = write_model_dir(directory, state, config)
+        if self.classes is not None:
+            write_class_map(written, self.classes)
+        else:  # a class map left by an earlier save would name other clusters
+            (written / CLASSES_FILE).unlink(missing_ok=True)
+        return written
 
     @property
     def patch_size(self) -> int:
@@ -279,10 +309,19 @@ class Segmenter(nn.Module):
 
     @torch.no_grad()
     def ids_from_code(
-        self, found: PaddedCode, *, size: tuple[int, int] | None = None, probe: str = "cluster"
+        self, found: PaddedCode, *, size: tuple[int, int] | None = None, probe: str | None = None
     ) -> Tensor:
         """The ids (B, H, W) int64 :meth:`predict` gives, from codes :meth:`encode_any` made."""
         code, padded_size, own = found
+        probe = probe or self.default_probe()
+        if probe == "class":
+            if self.classes is None:
+                raise StegoError(
+                    "probe='class' needs named clusters: name them with `stego name` (or "
+                    "Segmenter.set_classes), or use probe='cluster'"
+                )
+            ids = self.ids_from_code(found, size=size, probe="cluster")
+            return self.classes.lookup().to(ids.device)[ids]
         if probe == "cluster":
             centroids = F.normalize(self.cluster_probe.clusters, dim=1, eps=1e-12)
             scores = torch.einsum("bdhw,kd->bkhw", code, centroids)  # (B, K, h, w)
@@ -291,7 +330,7 @@ class Segmenter(nn.Module):
                 raise StegoError("probe='linear' needs a model with a linear probe")
             scores = self.linear_probe(code)  # (B, n_classes, h, w)
         else:
-            raise StegoError(f"unknown probe {probe!r}; valid: cluster, linear")
+            raise StegoError(f"unknown probe {probe!r}; valid: {', '.join(PROBES)}")
         # max(dim).indices: the first maximum, like argmax, and several times faster on CPU
         return _to_output_size(scores, padded_size, own, size).max(dim=1).indices
 
@@ -302,10 +341,12 @@ class Segmenter(nn.Module):
         *,
         flip: bool = True,
         size: tuple[int, int] | None = None,
-        probe: str = "cluster",
+        probe: str | None = None,
     ) -> Tensor:
         """Ids (B, H, W) int64 of images (B, 3, H, W) in [0, 1]: the argmax of :meth:`forward`'s
-        maps of ``probe`` ("cluster" or "linear"), at the images' own size or ``size``.
+        maps of ``probe`` ("cluster" or "linear"), at the images' own size or ``size``;
+        "class": the cluster ids mapped to class ids by :attr:`classes`. Default: "class" once
+        the clusters are named, else "cluster".
 
         Cheaper than ``forward(...).cluster_log_probs.argmax(1)`` and equal to it: the cosine
         with centroid k is ``code . c_k / |code|`` (c_k unit-norm), and ``|code| > 0`` is the
@@ -314,6 +355,7 @@ class Segmenter(nn.Module):
         upsampled exactly as the code would be. Likewise for the linear probe's logits (a 1x1
         convolution commutes with bilinear interpolation). Only exact float ties can differ.
         """
+        probe = probe or self.default_probe()
         return self.predict_probes(images, flip=flip, size=size, probes=(probe,))[probe]
 
     @torch.no_grad()

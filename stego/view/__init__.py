@@ -1,0 +1,1 @@
+"""`stego view`: a local web page to see, name and merge the clusters of a RESULTS folder."""
