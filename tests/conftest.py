@@ -70,6 +70,19 @@ def coco_sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def ls_decode():
+    """Label Studio's own brush reader (label-studio-converter, installed without its
+    dependencies: the brush module needs only numpy)."""
+    try:
+        from label_studio_converter.brush import decode_rle
+    except ImportError:
+        skip_unless_ci(
+            "label-studio-converter not installed (pip install --no-deps label-studio-converter)"
+        )
+    return decode_rle
+
+
+@pytest.fixture(scope="session")
 def chromium() -> str:
     """The Chromium executable for the browser tests."""
     from chromium_cdp import find_chromium

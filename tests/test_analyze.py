@@ -153,10 +153,11 @@ def labelled_folder(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_analyze_matches_an_independent_run_of_its_steps(labelled_folder, tmp_path):
+    from test_prediction import tiny_segmenter
+
     from stego.data import PairTransform, build_dataset
     from stego.models.backbone import Backbone, build_backbone
     from stego.models.pretrained import load
-    from tests.test_prediction import tiny_segmenter
 
     images, labels = labelled_folder
     model_dir = tiny_segmenter().save_pretrained(tmp_path / "model", include_backbone=True)

@@ -115,23 +115,9 @@ def test_areas_are_pixel_shares(named_results: Path, tmp_path: Path) -> None:
         assert int(s["images"]) == sum(int((ids == k).any()) for ids in want.values())
 
 
-def _ls_decode():
-    """Label Studio's own brush reader (label-studio-converter, installed without its
-    dependencies: the brush module needs only numpy)."""
-    from conftest import skip_unless_ci
-
-    try:
-        from label_studio_converter.brush import decode_rle
-    except ImportError:
-        skip_unless_ci(
-            "label-studio-converter not installed (pip install --no-deps label-studio-converter)"
-        )
-    return decode_rle
-
-
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (300, 301)])
-def test_brush_rle_decodes_with_label_studio(shape: tuple[int, int]) -> None:
-    decode = _ls_decode()
+def test_brush_rle_decodes_with_label_studio(shape: tuple[int, int], ls_decode) -> None:
+    decode = ls_decode
     rng = np.random.default_rng(1)
     masks = [rng.random(shape) > 0.5, np.ones(shape, bool), np.zeros(shape, bool)]
     if shape == (300, 301):  # runs longer than the widest run field (65536 values)
@@ -142,8 +128,8 @@ def test_brush_rle_decodes_with_label_studio(shape: tuple[int, int]) -> None:
         np.testing.assert_array_equal(rgba, np.repeat((mask * 255)[..., None], 4, -1))
 
 
-def test_label_studio_tasks_and_config(named_results: Path, tmp_path: Path) -> None:
-    decode = _ls_decode()
+def test_label_studio_tasks_and_config(named_results: Path, tmp_path: Path, ls_decode) -> None:
+    decode = ls_decode
     out = tmp_path / "tasks.json"
     written = export_results(named_results, "label-studio", out, progress=False,
                              image_url="http://files.local/photos/")  # fmt: skip

@@ -210,8 +210,9 @@ def test_rerun_with_other_settings_is_refused(segmented: tuple[Path, Path, dict]
 
 
 def test_encode_paths_names_a_bad_image_or_skips_it(tmp_path: Path) -> None:
+    from test_prediction import tiny_segmenter
+
     from stego.infer.predict import encode_paths
-    from tests.test_prediction import tiny_segmenter
 
     _write_images(tmp_path / "imgs", n=2)
     bad = tmp_path / "imgs" / "broken.png"
@@ -228,8 +229,9 @@ def test_encode_paths_names_a_bad_image_or_skips_it(tmp_path: Path) -> None:
 def test_predict_from_encoded_codes_writes_the_same_labels(tmp_path: Path) -> None:
     """Images whose codes `encode_paths` computed are labelled from them: same label files as a
     plain prediction, for a folder where only some images come with codes."""
+    from test_prediction import tiny_segmenter
+
     from stego.infer.predict import encode_paths, predict_paths
-    from tests.test_prediction import tiny_segmenter
 
     _write_images(tmp_path / "imgs", n=4, size=(70, 50))
     model = tiny_segmenter()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_prediction import tiny_segmenter
 
 from stego.errors import StegoError
-from tests.test_prediction import tiny_segmenter
 
 
 @pytest.mark.parametrize("size", [None, (23, 31)])

@@ -116,7 +116,7 @@ def write_folder(root: Path, n: int, size: tuple[int, int] = (32, 32), seed: int
 
 
 def tiny_segmenter(n_classes: int | None = None):
-    from tests.test_prediction import tiny_segmenter as build
+    from test_prediction import tiny_segmenter as build
 
     return build(n_classes, n_clusters=N_CLUSTERS)
 
