@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shared_data import CAMVID
 from torch import nn
 
-DATA_ROOT = "/work/shared/data/camvid"
+DATA_ROOT = str(CAMVID)  # --data-root overrides it
 BACKBONE = "dinov2-vits14-offline"
 AUTO = ["loss.pos_intra_shift=auto", "loss.pos_inter_shift=auto", "loss.neg_inter_shift=auto"]
 VARIANTS: dict[str, list[str]] = {

@@ -28,8 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared_data import CAMVID
+
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = "/work/shared/data/camvid"
+DATA_ROOT = str(CAMVID)  # --data-root overrides it
 
 
 def peak_rss() -> int:
