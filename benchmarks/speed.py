@@ -42,7 +42,7 @@ def peak_rss() -> int:
 def case_extract(args: argparse.Namespace) -> dict:
     import torch
 
-    from stego.features.build import SplitSpec, open_split
+    from stego.features.split import SplitSpec, open_split
     from stego.models.backbone import build_backbone
 
     layer = None if args.layer == "last" else int(args.layer)
