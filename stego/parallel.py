@@ -42,6 +42,14 @@ class ProcessGroup:
         """This process's items: every ``world``-th, from the ``rank``-th."""
         return list(items[self.rank :: self.world])
 
+    def block(self, n: int, run: int) -> range:
+        """This process's positions of ``n`` items: one stretch of whole runs of ``run`` items
+        (rank 0 the first), so that batches of ``run`` are those one process makes."""
+        runs = -(-n // run)
+        size = -(-runs // self.world) * run
+        start = min(n, self.rank * size)
+        return range(start, min(n, start + size))
+
     def barrier(self) -> None:
         if self.fabric is not None:
             self.fabric.barrier()
@@ -59,6 +67,10 @@ class ProcessGroup:
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def concat(self, items: list[T]) -> list[T]:
+        """Every process's ``items`` one after the other, in rank order."""
+        return [item for part in self.gather(items) for item in part]
 
 
 ONE_PROCESS = ProcessGroup()
