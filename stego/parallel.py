@@ -50,6 +50,12 @@ class ProcessGroup:
         start = min(n, self.rank * size)
         return range(start, min(n, start + size))
 
+    def stretch(self, items: Sequence[T], run: int) -> list[T]:
+        """This process's stretch of ``items`` (:meth:`block`), taken once every process has
+        listed them: the list may depend on files that the others are about to write."""
+        self.barrier()
+        return [items[i] for i in self.block(len(items), run)]
+
     def barrier(self) -> None:
         if self.fabric is not None:
             self.fabric.barrier()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stego.cli.features import add_process_arguments
+from stego.cli.features import add_process_arguments, launch_processes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,19 +63,13 @@ def run(args: argparse.Namespace) -> int:
     from stego.errors import StegoError
     from stego.eval.protocol import evaluate_checkpoint
     from stego.eval.report import write_report
-    from stego.parallel import launch
 
     for flag, value in (("--resolution", args.resolution), ("--batch-size", args.batch_size)):
         if value < 1:
             raise StegoError(f"{flag} must be >= 1, got {value}")
     if args.examples < 0:
         raise StegoError(f"--examples must be >= 0, got {args.examples}")
-    group = launch(
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        accelerator=args.accelerator,
-        device=args.device,
-    )
+    group = launch_processes(args)
     evaluate_checkpoint(
         args.checkpoint,
         args.data_root,

@@ -225,18 +225,25 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from stego.features.split import PreparedSplit
+def launch_processes(args: argparse.Namespace) -> Any:
+    """This process's :class:`stego.parallel.ProcessGroup` of the command line's processes
+    (``--devices``, ``--num-nodes``, ``--accelerator``; ``--device`` for one process)."""
     from stego.parallel import launch
 
-    group = launch(
+    return launch(
         devices=args.devices,
         num_nodes=args.num_nodes,
         accelerator=args.accelerator,
         device=args.device,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from stego.features.split import PreparedSplit
+
+    group = launch_processes(args)
     config = split_config(args)
     split = PreparedSplit.from_config(config, load_backbone(config))
     out = args.out or split.features_dir
@@ -280,8 +287,9 @@ def _announce(
     if args.dry_run:
         probe = next(p for p in [out, *out.parents] if p.exists())
         print(size.describe() + f"; {format_bytes(shutil.disk_usage(probe).free)} free there")
-    per_item = seconds_per_item(
-        split.backbone, split.dataset, device=group.device, batch_size=args.batch_size
-    )
-    print(time_estimate(size.todo, per_item, group.world, group.device))
+    if size.todo:
+        per_item = seconds_per_item(
+            split.backbone, split.dataset, device=group.device, batch_size=args.batch_size
+        )
+        print(time_estimate(size.todo, per_item, group.world, group.device))
     size.check_room()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stego.cli.features import add_process_arguments
+from stego.cli.features import add_process_arguments, launch_processes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -105,14 +105,8 @@ def resolve_model_dir(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from stego.infer.predict import predict_paths
     from stego.models.pretrained import load
-    from stego.parallel import launch
 
-    group = launch(
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        accelerator=args.accelerator,
-        device=args.device,
-    )
+    group = launch_processes(args)
     device = group.device
     if Path(args.checkpoint).is_file():  # model folders are folders: a file is an original .ckpt
         from stego.models.convert_official import load_official

@@ -383,7 +383,7 @@ def predict_paths(
     todo = []
     for source, rel in items:
         (summary.existing.append(source) if _done(out_dir, rel) else todo.append((source, rel)))
-    todo = [todo[i] for i in group.block(len(todo), batch_size)]  # each a stretch of batches
+    todo = group.stretch(todo, batch_size)  # whole batches each
     entries = legend(model, probe)
     colours = np.array([e["color"] for e in entries], dtype=np.uint8).reshape(-1, 3)
     with atomic_write(out_dir / "clusters.json", "w") as handle:
