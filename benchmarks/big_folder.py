@@ -43,7 +43,9 @@ def measure(argv: list[str]) -> dict:
     """Wall seconds and peak RSS (MB) of ``stego ARGV`` in a fresh interpreter."""
     start = time.perf_counter()
     command = [sys.executable, "-c", MEASURE, sys.executable, "-m", "stego.cli", *argv]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"stego {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
     peak_kb = int(done.stdout.strip().splitlines()[-1])
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_kb // 1024}
 
@@ -59,7 +61,7 @@ def main() -> None:
     write_folder(folder, args.images, args.side)
     split = ["--dataset", "folder", "--data-root", str(folder), "--split", "all",
              "--resolution", str(args.side), "--backbone", "tiny-vit", "--quiet",
-             "--cache-dir", str(args.work / "cache"),
+             "--cache-dir", str(args.work / f"cache-{args.images}-{args.side}"),
              "--num-workers", str(args.workers)]  # fmt: skip
     model = args.work / "model"
     if not (model / "config.json").is_file():
@@ -73,7 +75,8 @@ def main() -> None:
         "features --dry-run": ["features", *split, "--dry-run"],
         "features": ["features", *split],
         "predict": ["predict", "--checkpoint", str(model), str(folder), "--quiet",
-                    "--out", str(args.work / "predicted"), "--workers", str(args.workers)],
+                    "--out", str(args.work / f"predicted-{args.images}-{args.side}"),
+                    "--workers", str(args.workers)],
     }  # fmt: skip
     for name, argv in runs.items():
         result = measure(argv)

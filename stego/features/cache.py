@@ -183,7 +183,7 @@ class FeatureCache:
         root.mkdir(parents=True, exist_ok=True)
         group = group or ONE_PROCESS
         # the first process locks out other builds; the others follow it through barriers
-        with file_lock(root / ".lock") if group.rank == 0 else contextlib.nullcontext():
+        with file_lock(root / ".lock") if group.main else contextlib.nullcontext():
             n = len(dataset)  # type: ignore[arg-type]
             if n == 0:
                 raise StegoError("the dataset is empty: nothing to cache")
@@ -204,31 +204,32 @@ class FeatureCache:
                 _check_resumable(root, old, fp, settings)
             pending = _pending(root, settings)
             size = CacheSize.of(root, pending, settings)
-            if progress and group.rank == 0:
+            if progress and group.main:
                 print(size.describe())
             size.check_room()
             group.barrier()  # all have read the folder before the first process changes it
-            if group.rank == 0:
+            if group.main:
                 _save_manifest(root, {**settings, "fingerprint": fp, "complete": False})
                 for stale in root.glob(".*.tmp-*"):  # half-written shards of a killed build
                     stale.unlink(missing_ok=True)
             group.barrier()
-            if pending[group.rank :: group.world]:
+            mine = group.share(pending)
+            if mine:
                 write_shards(
                     root,
                     backbone,
                     dataset,
-                    pending[group.rank :: group.world],
+                    mine,
                     settings,
                     _DTYPES[dtype],
                     batch_size=batch_size,
                     device=device,
                     num_workers=num_workers,
-                    progress=progress and group.rank == 0,
+                    progress=progress and group.main,
                 )
             group.barrier()
             manifest = {**settings, "fingerprint": fp, "complete": True}
-            if group.rank == 0:
+            if group.main:
                 _save_manifest(root, manifest)
             group.barrier()
         return cls(root, manifest)
