@@ -17,6 +17,8 @@ from PIL import Image
 from stego.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+# each test starts two fresh interpreters (torch, Lightning): seconds on a quiet machine
+pytestmark = pytest.mark.slow
 
 
 def _run_two_processes(args: list[str]) -> str:
