@@ -61,8 +61,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from shared_data import CAMVID
 
-DATA_ROOT = "/work/shared/data/camvid"
+DATA_ROOT = str(CAMVID)  # --data-root overrides it
 BACKBONE = "imgfocus-saliency-vits14"
 LABEL_SIZE = (224, 298)
 THIN = ("pole", "sign_symbol", "pedestrian", "bicyclist", "fence")
@@ -172,11 +173,11 @@ def predict(codes: torch.Tensor, centroids: torch.Tensor, res: int, *, crf: bool
     return torch.cat(out)
 
 
-def score(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+def score(preds: torch.Tensor, labels: torch.Tensor, data_root: str) -> dict[str, Any]:
     from stego.eval.metrics import unsupervised_scores
 
     names = [line.split(" ", 1)[1] for line in
-             (Path(DATA_ROOT) / "classes.txt").read_text().splitlines() if line.strip()]
+             (Path(data_root) / "classes.txt").read_text().splitlines() if line.strip()]
     s = unsupervised_scores(preds, labels, 11)
     return {"miou": float(s.miou), "acc": float(s.accuracy),
             "iou": {n: float(v) for n, v in zip(names, s.iou, strict=True)}}
@@ -336,13 +337,14 @@ def run(method: str, data: dict[str, Any], fit: list[int], scored: list[int], se
     km = kmeans(plain_rows(fit_codes), seed)
     fit_s = time.perf_counter() - t0
     out = {"train_s": train_s, "fit_s": fit_s,
-           **score(predict(scored_codes, km.centroids, args.resolution), data["labels"][scored])}
+           **score(predict(scored_codes, km.centroids, args.resolution), data["labels"][scored],
+                    args.data_root)}
     out.update(signals(scored_codes, km, kmeans(plain_rows(fit_codes), seed + 1000)))
     if args.crf:
         t1 = time.perf_counter()
         pics = data["images"][scored]
         crf = score(predict(scored_codes, km.centroids, args.resolution, crf=True, images=pics),
-                    data["labels"][scored])
+                    data["labels"][scored], args.data_root)
         out.update({f"crf_{k}": v for k, v in crf.items()}, crf_s=time.perf_counter() - t1)
     return out
 

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from shared_data import CAMVID
 
-DEFAULT_IMAGES = Path("/work/shared/data/camvid/images/val")
+DEFAULT_IMAGES = CAMVID / "images" / "val"  # --images overrides it
 
 
 def build_model(name: str, n_clusters: int, code_dim: int):

@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shared_data import CAMVID
 from torch import nn
 
-DATA_ROOT = "/work/shared/data/camvid"
+DATA_ROOT = str(CAMVID)  # --data-root overrides it
 BACKBONE = "imgfocus-saliency-vits14"
 AUTO = ["loss.pos_intra_shift=auto", "loss.pos_inter_shift=auto", "loss.neg_inter_shift=auto"]
 VARIANTS: dict[str, list[str]] = {
@@ -101,16 +102,16 @@ def val_dataset(root: str, resolution: int) -> Any:
 
 def train_cache(root: str, cache_dir: str, layer: int | None, resolution: int,
                 crop_type: str = "none", crop_dir: str | None = None) -> Any:
-    from stego.features.build import SplitSpec, feature_cache, neighbor_table, open_split
+    from stego.features.split import PreparedSplit, SplitSpec
     from stego.models.backbone import build_backbone
 
     backbone = build_backbone(BACKBONE, layer=layer)
     spec = SplitSpec("camvid", root, "train", resolution=resolution, crop_type=crop_type,
                      interpolation="bilinear", crop_dir=crop_dir, cache_dir=cache_dir)
-    ds = open_split(spec)
+    split = PreparedSplit(spec, backbone)
     run = dict(device="cpu", batch_size=16, num_workers=0, progress=False)
-    cache = feature_cache(backbone, ds, spec, True, **run)
-    neighbor_table(backbone, ds, spec, 30, cache=cache, **run)
+    cache = split.feature_cache(True, **run)
+    split.neighbor_table(30, cache=cache, **run)
     return cache
 
 

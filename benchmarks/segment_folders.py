@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from shared_data import CAMVID
 
-DATA_ROOT = "/work/shared/data/camvid"
+DATA_ROOT = str(CAMVID)  # --data-root overrides it
 N_CLASSES = 11
 
 

@@ -28,8 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared_data import CAMVID
+
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = "/work/shared/data/camvid"
+DATA_ROOT = str(CAMVID)  # --data-root overrides it
 
 
 def peak_rss() -> int:
@@ -40,7 +42,7 @@ def peak_rss() -> int:
 def case_extract(args: argparse.Namespace) -> dict:
     import torch
 
-    from stego.features.build import SplitSpec, open_split
+    from stego.features.split import SplitSpec, open_split
     from stego.models.backbone import build_backbone
 
     layer = None if args.layer == "last" else int(args.layer)

@@ -72,8 +72,11 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-def check_free_space(path: str | Path, nbytes: int, what: str, margin: float = 1.05) -> None:
-    """Raise :class:`StegoError` when the file system of ``path`` cannot hold ``nbytes`` more."""
+def check_free_space(
+    path: str | Path, nbytes: int, what: str, margin: float = 1.05, fix: str | None = None
+) -> None:
+    """Raise :class:`StegoError` when the file system of ``path`` cannot hold ``nbytes`` more;
+    ``fix``: what to do instead (default: free some space or write elsewhere)."""
     path = Path(path)
     probe = path
     while not probe.exists():
@@ -82,7 +85,9 @@ def check_free_space(path: str | Path, nbytes: int, what: str, margin: float = 1
     if nbytes * margin > free:
         raise StegoError(
             f"not enough disk space for {what} in {path}: needs about {format_bytes(nbytes)}, "
-            f"{format_bytes(free)} free. Free some space or choose another output directory."
+            f"{format_bytes(free)} free. "
+            + (fix or "Free some space or choose another output directory")
+            + "."
         )
 
 

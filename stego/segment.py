@@ -413,7 +413,8 @@ def segment_folder(
         shutil.rmtree(run)  # stopped before its first checkpoint: nothing worth keeping
     _refuse_other_settings(config, run, out)
     if not finished:
-        train(config, run, resume=last.is_file(), progress=progress, verbose=verbose)
+        log = print if progress else None
+        train(config, run, resume=last.is_file(), progress=progress, verbose=verbose, log=log)
     resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
     if method == "stego":
         s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}

@@ -122,8 +122,8 @@ def test_with_keys(tmp_path):
 
 def test_interrupted_build_resumes_to_the_same_result(tmp_path):
     ref = build(tmp_path / "ref")
-    # call 1 is the shape probe, calls 2.. are batches of 5: batch 3 (items 10-14) fails,
-    # after shard 0 (items 0-7) was completed and shard 1 was half written.
+    # call 1 is the shape probe, calls 2.. are batches of up to 5 from each shard's first item:
+    # call 4 (items 8-12) fails, after shard 0 (items 0-7) was completed.
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(tmp_path / "c", backbone=StubBackbone(fail_on_call=4))
     root = tmp_path / "c"
@@ -133,7 +133,7 @@ def test_interrupted_build_resumes_to_the_same_result(tmp_path):
         FeatureCache.open(root)
     resumed_backbone = StubBackbone()
     resumed = build(root, backbone=resumed_backbone)
-    assert resumed_backbone.calls == 1 + 5  # probe + 22 remaining items in batches of 5
+    assert resumed_backbone.calls == 1 + 6  # probe + shards of 8, 8, 6 items in batches of 5
     for name in sorted(p.name for p in (tmp_path / "ref").glob("*.npy")):
         assert np.array_equal(np.load(root / name), np.load(tmp_path / "ref" / name)), name
     assert resumed.fingerprint == ref.fingerprint
@@ -145,9 +145,12 @@ def test_interrupted_build_resumes_to_the_same_result(tmp_path):
 def test_free_space_refusal(tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(stego.atomic.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    with pytest.raises(StegoError, match="not enough disk space"):
+    with pytest.raises(StegoError, match="not enough disk space") as refused:
         build(tmp_path / "c")
     assert not list((tmp_path / "c").glob("feats-*"))
+    # the size, and the ways around it: no cache, or a cache elsewhere
+    assert "needs about 8.6 KB" in str(refused.value)  # 30 x (8x4x4 float16 + 8 float32)
+    assert "stego train --live" in str(refused.value) and "--cache-dir" in str(refused.value)
 
 
 def test_stale_cache_names_the_difference(tmp_path):
@@ -269,18 +272,12 @@ def test_caches_without_the_interpolation_key_read_as_bilinear(tmp_path):
 
 
 def test_nearest_run_does_not_reuse_a_bilinear_cache(tmp_path):
-    """The split's artefacts as training and the commands open them (stego.features.build):
+    """The split's artefacts as training and the commands open them (stego.features.split):
     after a bilinear build, a nearest run builds its own cache and table, holding the features
     of the nearest-resized images."""
     from PIL import Image
 
-    from stego.features.build import (
-        SplitSpec,
-        feature_cache,
-        neighbor_table,
-        open_split,
-        split_fingerprint,
-    )
+    from stego.features.split import PreparedSplit, SplitSpec
     from stego.models.backbone import build_backbone
 
     rng = np.random.default_rng(0)
@@ -295,8 +292,9 @@ def test_nearest_run_does_not_reuse_a_bilinear_cache(tmp_path):
                        cache_dir=tmp_path / "cache")
         for how in ("bilinear", "nearest")
     }
-    data = {how: open_split(spec) for how, spec in specs.items()}
-    caches = {how: feature_cache(backbone, data[how], specs[how], True, **run) for how in specs}
+    splits = {how: PreparedSplit(spec, backbone) for how, spec in specs.items()}
+    data = {how: split.dataset for how, split in splits.items()}
+    caches = {how: split.feature_cache(True, **run) for how, split in splits.items()}
     assert caches["nearest"].root != caches["bilinear"].root
     assert caches["nearest"].root.parent.parent.name == "all_none_32_nearest"
     assert caches["bilinear"].root.parent.parent.name == "all_none_32"
@@ -308,10 +306,9 @@ def test_nearest_run_does_not_reuse_a_bilinear_cache(tmp_path):
     assert torch.allclose(rows["nearest"], direct, atol=2e-2, rtol=1e-2)
     assert not torch.allclose(rows["bilinear"], direct, atol=2e-2, rtol=1e-2)
     for how in specs:
-        neighbor_table(backbone, data[how], specs[how], 3, cache=caches[how], **run)
+        splits[how].neighbor_table(3, cache=caches[how], **run)
     tables = sorted((tmp_path / "cache").rglob("neighbors_k3.safetensors"))
     assert [NeighborTable.load(t).fingerprint["interpolation"] for t in tables] == [
         "bilinear", "nearest"]
     with pytest.raises(StegoError, match="interpolation"):  # never read under the other name
-        FeatureCache.open(caches["bilinear"].root,
-                          split_fingerprint(backbone, data["nearest"], specs["nearest"]))
+        FeatureCache.open(caches["bilinear"].root, splits["nearest"].fingerprint)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -28,17 +30,40 @@ def _write_images(folder: Path, n: int = 4, size: tuple[int, int] = (64, 48)) ->
 
 
 @pytest.fixture(scope="module")
-def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+def segmented_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict, str]:
+    """The folder segmented once, and what it printed."""
     root = tmp_path_factory.mktemp("seg")
     images, out = root / "images", root / "out"
     _write_images(images)
+    printed = io.StringIO()
     # the folder fit of the clusters, which needs 64 images by default, on these 4
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr("stego.segment.FOLDER_FIT_MIN_IMAGES", 4)
         summary = segment_folder(
             images, out, clusters=2, backbone="tiny-vit", steps=4, resolution=32, progress=False
         )
-    return images, out, summary
+    return images, out, summary, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def segmented(segmented_run: tuple[Path, Path, dict, str]) -> tuple[Path, Path, dict]:
+    return segmented_run[:3]
+
+
+def test_segment_without_progress_prints_nothing(
+    segmented_run: tuple[Path, Path, dict, str],
+) -> None:
+    assert segmented_run[3] == ""  # not even the calibrated shifts or the probe refit
+
+
+def test_segment_help_states_the_step_cap(capsys: pytest.CaptureFixture[str]) -> None:
+    from stego.segment import MAX_STEPS
+
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"at most {MAX_STEPS})" in help_text
+    assert choose_steps(10**9) == MAX_STEPS
 
 
 def test_segment_writes_labels_at_image_size(segmented: tuple[Path, Path, dict]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stego.cli.features import add_process_arguments, launch_processes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -53,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="how many images to keep for the example figures (default: 8)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bar (e.g. in logs)")
+    add_process_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise StegoError(f"{flag} must be >= 1, got {value}")
     if args.examples < 0:
         raise StegoError(f"--examples must be >= 0, got {args.examples}")
+    group = launch_processes(args)
     evaluate_checkpoint(
         args.checkpoint,
         args.data_root,
@@ -79,11 +83,13 @@ def run(args: argparse.Namespace) -> int:
         full_frame=args.full_frame,
         resolution=args.resolution,
         batch_size=args.batch_size,
-        device=args.device,
+        device=group.device,
         rule=args.metric_rule,
         progress=args.progress,
         n_figure_images=args.examples,
+        echo=print if group.main else None,
+        group=group,
     )
-    if args.report:
+    if args.report and group.main:
         print(f"report: {write_report(args.out)}")
     return 0

@@ -192,30 +192,104 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--with-keys", action="store_true", help="also cache the attention keys of the chosen block"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cache's size, the free disk space and a time estimate (one batch is "
+        "timed), then stop",
+    )
+    add_process_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--devices``, ``--num-nodes``, ``--accelerator``: the processes sharing the items."""
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes on this machine, one per device (GPUs; on CPUs, processes), each "
+        "taking a share of the items; more than 1 overrides --device (default: 1)",
+    )
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        default=1,
+        help="machines sharing the work (run the same command on each, as Lightning's DDP "
+        "wants: MASTER_ADDR, NODE_RANK, ...); default: 1",
+    )
+    parser.add_argument(
+        "--accelerator",
+        default="auto",
+        help="with --devices/--num-nodes above 1: cpu, gpu, cuda or auto (default: auto)",
+    )
+
+
+def launch_processes(args: argparse.Namespace) -> Any:
+    """This process's :class:`stego.parallel.ProcessGroup` of the command line's processes
+    (``--devices``, ``--num-nodes``, ``--accelerator``; ``--device`` for one process)."""
+    from stego.parallel import launch
+
+    return launch(
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        accelerator=args.accelerator,
+        device=args.device,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from stego.device import resolve_device
-    from stego.features.build import SplitSpec, build_feature_cache, open_split
+    from stego.features.split import PreparedSplit
 
+    group = launch_processes(args)
     config = split_config(args)
-    spec = SplitSpec.from_config(config)
-    backbone = load_backbone(config)
-    cache = build_feature_cache(
-        backbone,
-        open_split(spec),
-        spec,
-        out=args.out,
-        dtype=torch.float32 if args.float32 else torch.float16,
+    split = PreparedSplit.from_config(config, load_backbone(config))
+    out = args.out or split.features_dir
+    options = {
+        "dtype": torch.float32 if args.float32 else torch.float16,
+        "shard_size": args.shard_size,
+        "with_keys": args.with_keys,
+    }
+    if args.dry_run or (group.main and not args.quiet):
+        _announce(split, out, group, args, options)
+    if args.dry_run:
+        return 0
+    cache = split.build_feature_cache(
+        out=out,
         batch_size=args.batch_size,
-        device=resolve_device(args.device),
-        shard_size=args.shard_size,
+        device=group.device,
         num_workers=args.num_workers,
         progress=not args.quiet,
-        with_keys=args.with_keys,
+        group=group,
+        **options,
     )
-    print(f"feature cache ready: {cache.root} ({len(cache)} items, features {cache.feat_shape})")
+    if group.main:
+        print(
+            f"feature cache ready: {cache.root} ({len(cache)} items, features {cache.feat_shape})"
+        )
     return 0
+
+
+def _announce(
+    split: Any, out: Path, group: Any, args: argparse.Namespace, options: dict[str, Any]
+) -> None:
+    """Print the time estimate (and, for ``--dry-run``, the size and free space; a cache that
+    cannot fit is refused here)."""
+    import shutil
+
+    from stego.atomic import format_bytes
+    from stego.features.cache import FeatureCache
+    from stego.features.sizing import seconds_per_item, time_estimate
+
+    size = FeatureCache.size(split.backbone, split.dataset, out, device=group.device, **options)
+    if args.dry_run:
+        probe = next(p for p in [out, *out.parents] if p.exists())
+        print(size.describe() + f"; {format_bytes(shutil.disk_usage(probe).free)} free there")
+    if size.todo:
+        per_item = seconds_per_item(
+            split.backbone, split.dataset, device=group.device, batch_size=args.batch_size
+        )
+        print(time_estimate(size.todo, per_item, group.world, group.device))
+    size.check_room()

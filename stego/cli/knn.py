@@ -71,41 +71,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stego.device import resolve_device
-    from stego.features.build import (
-        SplitSpec,
-        build_neighbor_table,
-        cached_global_features,
-        open_split,
-        sibling_groups,
-        split_global_features,
-        table_path,
-    )
+    from stego.features.build import build_neighbor_table, cached_global_features, sibling_groups
+    from stego.features.fingerprint import artifact_dir
+    from stego.features.split import PreparedSplit, SplitSpec, open_split, table_path
 
     config = split_config(args)
     spec = SplitSpec.from_config(config)
     device = resolve_device(args.device)
     k = args.k or config.train.knn_k
-    dataset = None
+    split = None
     if args.features is not None:  # no backbone at all: the cache has the global features
         m = config.model
         feats, fp = cached_global_features(args.features, spec, m.backbone, m.layer)
     else:
-        backbone = load_backbone(config)
-        dataset = open_split(spec)
-        feats, fp = split_global_features(
-            backbone,
-            dataset,
-            spec,
+        split = PreparedSplit(spec, load_backbone(config))
+        feats = split.global_features(
             reuse_cache=True,
             batch_size=args.batch_size,
             device=device,
             num_workers=args.num_workers,
             progress=not args.quiet,
         )
+        fp = split.fingerprint
     groups = None
     if args.exclude_siblings:
-        groups = sibling_groups(dataset if dataset is not None else open_split(spec))
-    out = args.out or table_path(spec, fp, k)
+        groups = sibling_groups(split.dataset if split is not None else open_split(spec))
+    out = args.out or table_path(artifact_dir(spec.data_root, fp, spec.cache_dir), k)
     table = build_neighbor_table(
         feats,
         fp,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stego.cli.features import add_process_arguments, launch_processes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -89,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="image-reading worker processes (0 = read in the main process)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    add_process_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -101,11 +104,11 @@ def resolve_model_dir(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stego.device import resolve_device
     from stego.infer.predict import predict_paths
     from stego.models.pretrained import load
 
-    device = resolve_device(args.device)
+    group = launch_processes(args)
+    device = group.device
     if Path(args.checkpoint).is_file():  # model folders are folders: a file is an original .ckpt
         from stego.models.convert_official import load_official
 
@@ -126,11 +129,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=device,
         skip_bad=args.skip_bad,
-        progress=not args.quiet,
+        progress=not args.quiet and group.main,
         probe=args.probe,
         max_side=args.max_side or None,
         num_workers=args.workers,
+        group=group,
     )
+    if not group.main:
+        return 0
     print(
         f"predicted {len(summary.written)} images ({summary.images_per_second:.2f} images/s), "
         f"{len(summary.existing)} already done, {len(summary.skipped)} skipped -> {args.out}"

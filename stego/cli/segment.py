@@ -6,6 +6,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from stego.segment import MAX_STEPS
+
     parser = sub.add_parser(
         "segment",
         help="segment a folder of unlabeled images into K kinds of things (the whole method)",
@@ -63,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=None,
-        help="training steps (default: from the folder size, at most 3000)",
+        help=f"training steps (default: from the folder size, at most {MAX_STEPS})",
     )
     parser.add_argument(
         "--resolution",

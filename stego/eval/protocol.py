@@ -45,6 +45,7 @@ from stego.eval.outputs import (
     write_outputs,
 )
 from stego.models.segmenter import Segmenter
+from stego.parallel import ONE_PROCESS, ProcessGroup
 from stego.viz import Example, default_palette
 
 # The protocol, plus names defined in stego.eval.outputs / stego.eval.loading and re-exported so
@@ -187,6 +188,7 @@ def evaluate(
     rule: str = "strict",
     progress: bool = True,
     n_figure_images: int = 8,
+    group: ProcessGroup = ONE_PROCESS,
 ) -> EvalResult:
     """Score ``model`` on a labelled dataset with the paper's protocol.
 
@@ -202,6 +204,10 @@ def evaluate(
         extra_clusters: clusters beyond n_classes; None = read from the model.
         rule: "strict" or "original" counting of extra-cluster pixels (see stego.eval.metrics).
         n_figure_images: how many leading images to keep as :class:`Example` for figures.
+        group: the processes sharing the items (:func:`stego.parallel.launch`), each calling
+            this: each scores a stretch of whole batches (:meth:`ProcessGroup.block`), the
+            confusion matrices are summed over the processes (torchmetrics' sync when the
+            scores are computed), every process gets the result.
     """
     names = list(generic_class_names(n_classes) if class_names is None else class_names)
     if len(names) != n_classes:
@@ -216,7 +222,11 @@ def evaluate(
     linear_metric = UnsupervisedMetrics(n_classes, rule=rule, hungarian=False).to(device)  # type: ignore[arg-type]
     raw: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, str]] = []
     n_images = 0
-    bar = _progress(dataset, progress)
+    bar = _progress(dataset, progress and group.main)
+    if group.world > 1:  # a stretch of whole batches: batched as one process batches them
+        from torch.utils.data import Subset
+
+        dataset = Subset(dataset, group.block(len(dataset), batch_size))
     for items in _batches(dataset, batch_size):
         images = torch.stack([it["image"] for it in items]).to(device)  # (B, 3, H, W)
         labels = torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)  # (B, H, W)
@@ -237,9 +247,12 @@ def evaluate(
         _keep_examples(raw, items, images, labels, cluster, linear, n_figure_images)
         n_images += len(items)
         if bar is not None:
-            bar.update(len(items))
+            bar.update(len(items) * group.world)
     if bar is not None:
         bar.close()
+    if group.world > 1:
+        n_images = int(group.sum(torch.tensor(n_images, device=group.device)))
+        raw = group.concat(raw)[:n_figure_images]
     if n_images == 0:
         raise StegoError("the evaluation dataset is empty; check --data-root and --split")
     cluster_scores = cluster_metric.scores()
@@ -343,6 +356,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     n_figure_images: int = 8,
     echo: Any = print,
+    group: ProcessGroup = ONE_PROCESS,
 ) -> EvalResult:
     """Evaluate a saved model on a dataset split and write the results to ``out``.
 
@@ -354,6 +368,7 @@ def evaluate_checkpoint(
     always nearest) and ``crf_image`` (see :func:`evaluate`) default to what the model was
     trained with (:func:`_preparation`). ``echo`` receives the score table (None = silent).
     The HTML report is a later step on ``out``: :func:`stego.eval.report.write_report`.
+    ``group``: the processes sharing the items (see :func:`evaluate`); the first writes ``out``.
     """
     from stego.data import PairTransform, build_dataset
 
@@ -389,7 +404,10 @@ def evaluate_checkpoint(
         rule=rule,
         progress=progress,
         n_figure_images=n_figure_images,
+        group=group,
     )
+    if not group.main:
+        return result
     settings: dict[str, Any] = dict(full_frame=full_frame, resolution=resolution)
     settings.update(batch_size=batch_size, interpolation=interpolation, crf_image=crf_image)
     result.settings = settings

@@ -17,6 +17,7 @@ follow the file layout above; where a split's cache lives is :mod:`stego.feature
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -26,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from stego.atomic import atomic_write, check_free_space, file_lock, format_bytes
+from stego.atomic import atomic_write, file_lock
 from stego.errors import StegoError
 from stego.features.fingerprint import (
     backbone_fingerprint,
@@ -36,72 +37,15 @@ from stego.features.fingerprint import (
     item_paths,
     rebuild_command,
 )
-from stego.features.neighbors import NeighborTable, backbone_batches, positive_index
+from stego.features.neighbors import NeighborTable, positive_index
+from stego.features.shards import shard_name, write_shards
+from stego.features.sizing import CacheSize
+from stego.parallel import ONE_PROCESS, ProcessGroup
 
 __all__ = ["FeatureCache", "CachedFeatureDataset", "positive_index"]
 
 _FORMAT = "stego-feature-cache"
 _DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
-
-
-def _shard_name(kind: str, i: int) -> str:
-    return f"{kind}-{i:05d}.npy"
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path) as handle:
-        np.save(handle, array, allow_pickle=False)
-
-
-class _ShardWriter:
-    """Fills one shard through a memmap under a temporary name; renames it when complete."""
-
-    def __init__(
-        self,
-        root: Path,
-        shard: int,
-        rows: int,
-        feat_shape: tuple[int, ...],
-        dtype: Any,
-        keys_shape: tuple[int, ...] | None,
-    ) -> None:
-        self.root, self.shard, self.rows, self.filled = root, shard, rows, 0
-        self.final = {"feats": root / _shard_name("feats", shard)}
-        self.tmp = {"feats": root / f".{_shard_name('feats', shard)}.tmp-{os.getpid()}"}
-        self.maps = {
-            "feats": np.lib.format.open_memmap(
-                self.tmp["feats"], mode="w+", dtype=dtype, shape=(rows, *feat_shape)
-            )
-        }
-        if keys_shape is not None:
-            self.final["keys"] = root / _shard_name("keys", shard)
-            self.tmp["keys"] = root / f".{_shard_name('keys', shard)}.tmp-{os.getpid()}"
-            self.maps["keys"] = np.lib.format.open_memmap(
-                self.tmp["keys"], mode="w+", dtype=dtype, shape=(rows, *keys_shape)
-            )
-        self.glob: np.ndarray | None = None
-
-    def write(self, row: int, feat: np.ndarray, glob: np.ndarray, keys: np.ndarray | None) -> None:
-        n = feat.shape[0]
-        self.maps["feats"][row : row + n] = feat
-        if keys is not None:
-            self.maps["keys"][row : row + n] = keys
-        if self.glob is None:
-            self.glob = np.zeros((self.rows, glob.shape[1]), dtype=np.float32)
-        self.glob[row : row + n] = glob
-        self.filled += n
-
-    def finish(self) -> None:
-        assert self.glob is not None and self.filled == self.rows
-        _save_npy(self.root / _shard_name("global", self.shard), self.glob)
-        for kind in [k for k in self.maps if k != "feats"] + ["feats"]:  # feats last: marks done
-            mm = self.maps[kind]
-            mm.flush()
-            del mm
-            with open(self.tmp[kind], "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(self.tmp[kind], self.final[kind])
-        self.maps.clear()
 
 
 class FeatureCache:
@@ -124,7 +68,7 @@ class FeatureCache:
     def _map(self, kind: str, shard: int) -> np.ndarray:
         key = (kind, shard)
         if key not in self._maps:
-            self._maps[key] = _load_shard(self.root / _shard_name(kind, shard), mmap=True)
+            self._maps[key] = _load_shard(self.root / shard_name(kind, shard), mmap=True)
         return self._maps[key]
 
     def _row(self, kind: str, i: int) -> Tensor:
@@ -148,7 +92,7 @@ class FeatureCache:
     def global_features(self) -> Tensor:
         """(N, C) float32 L2-normalised global features, in item order."""
         parts = [
-            _load_shard(self.root / _shard_name("global", s), mmap=False)
+            _load_shard(self.root / shard_name("global", s), mmap=False)
             for s in range(int(self.manifest["num_shards"]))
         ]
         return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
@@ -179,14 +123,33 @@ class FeatureCache:
         return cls(root, manifest)
 
     @classmethod
+    def size(
+        cls,
+        backbone: nn.Module,
+        dataset: Dataset,
+        out_dir: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float16,
+        shard_size: int = 1024,
+        with_keys: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> CacheSize:
+        """What :meth:`build` with these settings would write (one probe forward)."""
+        feat_shape, keys_shape = _probe_shapes(backbone, dataset, device, with_keys)
+        n = len(dataset)  # type: ignore[arg-type]
+        settings = _settings(n, feat_shape, keys_shape, dtype, shard_size, with_keys)
+        return CacheSize.of(Path(out_dir), _pending(Path(out_dir), settings), settings)
+
+    @classmethod
     def build(
         cls,
         backbone: nn.Module,
         dataset: Dataset,
         out_dir: str | os.PathLike[str],
         *,
-        dataset_name: str,
-        split: str,
+        fingerprint: Mapping[str, Any] | None = None,
+        dataset_name: str = "",
+        split: str = "",
         crop_type: str = "none",
         resolution: int = 224,
         data_root: str | os.PathLike[str] | None = None,
@@ -198,13 +161,19 @@ class FeatureCache:
         num_workers: int = 0,
         progress: bool = True,
         with_keys: bool = False,
+        group: ProcessGroup | None = None,
     ) -> FeatureCache:
         """Run ``backbone`` once over ``dataset`` and write (or resume) the cache in ``out_dir``.
 
-        ``dataset_name``, ``split``, ``crop_type``, ``resolution``, ``interpolation`` (and
-        ``data_root``, for the rebuild hint) go into the fingerprint together with the
-        backbone's name, weights digest and layer and the ordered item paths. Items must all
-        have one image size.
+        ``group``: the processes sharing the work (:func:`stego.parallel.launch`), each calling
+        this: each writes a share of the missing shards, in batches that start at each shard's
+        first item, so the files are those one process writes, byte for byte.
+
+        ``fingerprint``: what the cache is computed from (a
+        :class:`stego.features.split.PreparedSplit`'s); without it, ``dataset_name``, ``split``,
+        ``crop_type``, ``resolution``, ``interpolation`` (and ``data_root``, for the rebuild hint)
+        make one together with the backbone's name, weights digest and layer and the ordered
+        item paths. Items must all have one image size.
         """
         if dtype not in _DTYPES:
             raise StegoError(f"cache dtype must be torch.float16 or torch.float32, got {dtype}")
@@ -212,59 +181,57 @@ class FeatureCache:
             raise StegoError(f"shard_size must be positive, got {shard_size}")
         root = Path(out_dir)
         root.mkdir(parents=True, exist_ok=True)
-        with file_lock(root / ".lock"):
-            paths = item_paths(dataset)
-            n = len(paths)
+        group = group or ONE_PROCESS
+        # the first process locks out other builds; the others follow it through barriers
+        with file_lock(root / ".lock") if group.main else contextlib.nullcontext():
+            n = len(dataset)  # type: ignore[arg-type]
             if n == 0:
                 raise StegoError("the dataset is empty: nothing to cache")
-            fp = backbone_fingerprint(
+            fp = dict(fingerprint) if fingerprint is not None else backbone_fingerprint(
                 backbone,
                 dataset=dataset_name,
                 split=split,
                 crop_type=crop_type,
                 resolution=resolution,
-                paths=paths,
+                paths=item_paths(dataset),
                 data_root=data_root,
                 interpolation=interpolation,
             )
             feat_shape, keys_shape = _probe_shapes(backbone, dataset, device, with_keys)
-            num_shards = -(-n // shard_size)
-            settings: dict[str, Any] = {
-                "format": _FORMAT,
-                "version": 1,
-                "num_items": n,
-                "feat_shape": list(feat_shape),
-                "dtype": str(dtype).replace("torch.", ""),
-                "shard_size": shard_size,
-                "num_shards": num_shards,
-                "with_keys": with_keys,
-                "keys_shape": list(keys_shape) if keys_shape else None,
-            }
+            settings = _settings(n, feat_shape, keys_shape, dtype, shard_size, with_keys)
             old = _read_manifest(root)
-            if old is not None:
+            if old is not None:  # every process checks, so that all of them stop together
                 _check_resumable(root, old, fp, settings)
-            _save_manifest(root, {**settings, "fingerprint": fp, "complete": False})
-            for stale in root.glob(".*.tmp-*"):  # half-written shards of a killed build
-                stale.unlink(missing_ok=True)
-            pending = [s for s in range(num_shards) if not _shard_done(root, s)]
-            _announce(root, n, pending, settings, feat_shape, keys_shape, dtype, progress)
-            if pending:
-                _write_shards(
+            pending = _pending(root, settings)
+            size = CacheSize.of(root, pending, settings)
+            if progress and group.main:
+                print(size.describe())
+            size.check_room()
+            group.barrier()  # all have read the folder before the first process changes it
+            if group.main:
+                _save_manifest(root, {**settings, "fingerprint": fp, "complete": False})
+                for stale in root.glob(".*.tmp-*"):  # half-written shards of a killed build
+                    stale.unlink(missing_ok=True)
+            group.barrier()
+            mine = group.share(pending)
+            if mine:
+                write_shards(
                     root,
                     backbone,
                     dataset,
-                    pending,
+                    mine,
                     settings,
-                    feat_shape,
-                    keys_shape,
                     _DTYPES[dtype],
-                    batch_size,
-                    device,
-                    num_workers,
-                    progress,
+                    batch_size=batch_size,
+                    device=device,
+                    num_workers=num_workers,
+                    progress=progress and group.main,
                 )
+            group.barrier()
             manifest = {**settings, "fingerprint": fp, "complete": True}
-            _save_manifest(root, manifest)
+            if group.main:
+                _save_manifest(root, manifest)
+            group.barrier()
         return cls(root, manifest)
 
 
@@ -321,10 +288,13 @@ def _check_resumable(
         )
 
 
-def _shard_done(root: Path, shard: int) -> bool:
-    return (root / _shard_name("feats", shard)).is_file() and (
-        root / _shard_name("global", shard)
-    ).is_file()
+def _pending(root: Path, settings: Mapping[str, Any]) -> list[int]:
+    """The shards of ``settings`` not (completely) written in ``root``."""
+    return [
+        s
+        for s in range(settings["num_shards"])
+        if not all((root / shard_name(kind, s)).is_file() for kind in ("feats", "global"))
+    ]
 
 
 def _probe_shapes(
@@ -340,98 +310,26 @@ def _probe_shapes(
     return tuple(out.feat.shape[1:]), keys
 
 
-def _announce(
-    root: Path,
+def _settings(
     n: int,
-    pending: list[int],
-    settings: Mapping[str, Any],
     feat_shape: tuple[int, ...],
     keys_shape: tuple[int, ...] | None,
     dtype: torch.dtype,
-    progress: bool,
-) -> None:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_item = (
-        int(np.prod(feat_shape)) + int(np.prod(keys_shape or (0,)))
-    ) * itemsize + feat_shape[0] * 4
-    total = n * per_item
-    size = settings["shard_size"]
-    todo = sum(min(size, n - s * size) for s in pending) * per_item
-    if progress:
-        print(
-            f"feature cache {root}: {n} items x {tuple(feat_shape)} {settings['dtype']} = "
-            f"{format_bytes(total)} on disk ({format_bytes(todo)} still to write, "
-            f"{len(pending)}/{settings['num_shards']} shards)"
-        )
-    if todo:
-        check_free_space(root, todo, "the feature cache")
-
-
-def _write_shards(
-    root: Path,
-    backbone: nn.Module,
-    dataset: Dataset,
-    pending: list[int],
-    settings: Mapping[str, Any],
-    feat_shape: tuple[int, ...],
-    keys_shape: tuple[int, ...] | None,
-    np_dtype: Any,
-    batch_size: int,
-    device: str | torch.device,
-    num_workers: int,
-    progress: bool,
-) -> None:
-    n, size = int(settings["num_items"]), int(settings["shard_size"])
-    todo = [i for s in pending for i in range(s * size, min(n, (s + 1) * size))]
-    writer: _ShardWriter | None = None
-    pos = 0  # position in `todo`
-    try:
-        for batch in backbone_batches(
-            backbone,
-            Subset(dataset, todo),
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            progress=progress,
-            with_keys=keys_shape is not None,
-            desc="feature cache",
-        ):
-            out = batch.output
-            if tuple(out.feat.shape[1:]) != feat_shape:
-                raise StegoError(
-                    f"backbone features of item {todo[pos]} have shape "
-                    f"{tuple(out.feat.shape[1:])}, expected {feat_shape}"
-                )
-            feat = out.feat.to("cpu", torch.float32).numpy().astype(np_dtype)
-            glob = out.global_feat.to("cpu", torch.float32).numpy()
-            keys = (
-                out.keys.to("cpu", torch.float32).numpy().astype(np_dtype) if keys_shape else None
-            )
-            b, j = feat.shape[0], 0
-            while j < b:  # a batch may straddle two shards
-                item = todo[pos + j]
-                shard, row = divmod(item, size)
-                if writer is None:
-                    writer = _ShardWriter(
-                        root, shard, min(size, n - shard * size), feat_shape, np_dtype, keys_shape
-                    )
-                take = min(b - j, writer.rows - row)
-                writer.write(
-                    row,
-                    feat[j : j + take],
-                    glob[j : j + take],
-                    None if keys is None else keys[j : j + take],
-                )
-                j += take
-                if writer.filled == writer.rows:
-                    writer.finish()
-                    writer = None
-            pos += b
-    finally:
-        if writer is not None:  # interrupted: drop the unfinished shard
-            for tmp in writer.tmp.values():
-                writer.maps.clear()
-                tmp.unlink(missing_ok=True)
+    shard_size: int,
+    with_keys: bool,
+) -> dict[str, Any]:
+    """The manifest entries (without fingerprint and completeness) of a cache build."""
+    return {
+        "format": _FORMAT,
+        "version": 1,
+        "num_items": n,
+        "feat_shape": list(feat_shape),
+        "dtype": str(dtype).replace("torch.", ""),
+        "shard_size": shard_size,
+        "num_shards": -(-n // shard_size),
+        "with_keys": with_keys,
+        "keys_shape": list(keys_shape) if keys_shape else None,
+    }
 
 
 class CachedFeatureDataset(Dataset):

@@ -277,7 +277,7 @@ def calibrate_split(
     count used.
     """
     from stego.device import resolve_device
-    from stego.features.build import SplitSpec, feature_cache, neighbor_table, open_split
+    from stego.features.split import PreparedSplit
     from stego.models.backbone import build_backbone
 
     if n_segments < 2:
@@ -286,18 +286,17 @@ def calibrate_split(
     if pseudo < 2:
         raise StegoError(f"--pseudo-classes must be >= 2, got {pseudo}")
     m, d = config.model, config.data
-    spec = SplitSpec.from_config(config)
     backbone = build_backbone(m.backbone, weights=m.weights, layer=m.layer)
     backbone.check_size(d.resolution, d.resolution)
-    dataset = open_split(spec)
+    split = PreparedSplit.from_config(config, backbone)
     run = dict(
         device=resolve_device(device),
         batch_size=d.batch_size,
         num_workers=0,
         progress=progress,
     )
-    cache = feature_cache(backbone, dataset, spec, True, **run)
-    nbrs = neighbor_table(backbone, dataset, spec, config.train.knn_k, cache=cache, **run)
+    cache = split.feature_cache(True, **run)
+    nbrs = split.neighbor_table(config.train.knn_k, cache=cache, **run)
     cal = calibrate_shifts(
         cache,
         nbrs,

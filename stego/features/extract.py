@@ -45,36 +45,38 @@ def backbone_batches(
     progress: bool = True,
     with_keys: bool = False,
     desc: str = "backbone",
+    batches: list[list[int]] | None = None,
 ) -> Iterator[BackboneBatch]:
     """Run a frozen backbone over ``dataset`` in order, in eval mode, without gradients.
 
-    All images must have one size (the training transform's centre crop); a different size
-    raises :class:`StegoError` naming the item. Moves ``backbone`` to ``device``.
+    ``batches``: the item positions of each batch (default: consecutive runs of
+    ``batch_size``). All images must have one size (the training transform's centre crop); a
+    different size raises :class:`StegoError` naming the item. Moves ``backbone`` to ``device``.
     """
     from tqdm.auto import tqdm
 
     backbone.eval().to(device)
+    n = len(dataset)  # type: ignore[arg-type]
+    order = batches or [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
+        dataset, batch_sampler=order, num_workers=num_workers, collate_fn=_collate
     )
     expected: tuple[int, ...] | None = None
-    position = 0
-    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+    bar = tqdm(loader, desc=desc, disable=not progress, unit="batch")
+    for index, batch in zip(order, bar, strict=True):
         shapes = batch["shapes"]
         expected = expected or shapes[0]
         for j, shape in enumerate(shapes):
             if shape != expected:
                 raise StegoError(
-                    f"item {position + j} ({batch['paths'][j]}) has image shape {shape}, item 0 "
-                    f"has {expected}: features need one image size; build the dataset with the "
-                    "training transform PairTransform(resolution, crop='center')"
+                    f"item {index[j]} ({batch['paths'][j]}) has image shape {shape}, item "
+                    f"{order[0][0]} has {expected}: features need one image size; build the "
+                    "dataset with the training transform PairTransform(resolution, crop='center')"
                 )
         images = batch["images"].to(device)  # (B, 3, H, W)
         with torch.inference_mode():
             out = backbone(images, with_keys=True) if with_keys else backbone(images)
-        b = images.shape[0]
-        yield BackboneBatch(torch.arange(position, position + b), batch["paths"], out)
-        position += b
+        yield BackboneBatch(torch.tensor(index), batch["paths"], out)
 
 
 class GlobalFeatures(NamedTuple):

@@ -36,6 +36,7 @@ from torch import Tensor
 from stego.atomic import atomic_write
 from stego.errors import StegoError
 from stego.infer.legend import legend
+from stego.parallel import ONE_PROCESS, ProcessGroup
 from stego.viz import overlay
 
 if TYPE_CHECKING:
@@ -342,6 +343,7 @@ def predict_paths(
     max_side: int | None = 1024,
     num_workers: int = 2,
     encoded: Sequence[EncodedImage] = (),
+    group: ProcessGroup = ONE_PROCESS,
 ) -> PredictSummary:
     """Predict every image of ``inputs`` (files / folders) into ``out_dir`` (see module doc).
 
@@ -352,7 +354,7 @@ def predict_paths(
     codes already computed by :func:`encode_paths` (same ``max_side`` and ``flip``); those
     images are labelled from them without the backbone (without CRF only). Bad images
     raise :class:`StegoError` naming the file, or with ``skip_bad`` are listed in the summary
-    and ``skipped.txt``. Outputs that already exist are not recomputed.
+    and ``skipped.txt``; existing outputs are kept. ``group``: processes sharing the work.
     """
     probe = probe or model.default_probe()
     if probe not in ("class", "cluster", "linear"):
@@ -368,6 +370,7 @@ def predict_paths(
     todo = []
     for source, rel in items:
         (summary.existing.append(source) if _done(out_dir, rel) else todo.append((source, rel)))
+    todo = group.stretch(todo, batch_size)  # whole batches each
     entries = legend(model, probe)
     colours = np.array([e["color"] for e in entries], dtype=np.uint8).reshape(-1, 3)
     with atomic_write(out_dir / "clusters.json", "w") as handle:
@@ -405,6 +408,7 @@ def predict_paths(
     _finish(summary, todo, crf_queue, colours, crf=crf, crf_workers=crf_workers)
     if progress and todo:
         print(file=sys.stderr)
+    summary.written, summary.skipped = group.concat(summary.written), group.concat(summary.skipped)
     if skip_bad or summary.skipped:
         with atomic_write(out_dir / "skipped.txt", "w") as handle:
             handle.writelines(f"{path}\t{reason}\n" for path, reason in summary.skipped)
@@ -420,8 +424,7 @@ def _write_encoded(
     colours: np.ndarray,
     probe: str,
 ) -> list[tuple[Path, Path]]:
-    """Write the outputs of the ``todo`` images that have codes in ``encoded``; the rest of
-    ``todo`` is returned."""
+    """Write the ``todo`` images that have codes in ``encoded``; returns the rest of ``todo``."""
     by_path = {Path(e.path): e for e in encoded}
     rest = []
     for source, rel in todo:

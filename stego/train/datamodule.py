@@ -1,8 +1,9 @@
 """Training data as a LightningDataModule: (anchor, neighbour) pairs in a step-indexed order.
 
 :func:`build_datamodule` opens the training split, its neighbour table and (by default) its
-feature cache through :mod:`stego.features.build` (building them on first use), and picks the
-validation images (``data.val_split``, or a held-out part of the training split).
+feature cache through :class:`stego.features.split.PreparedSplit` (building them on first
+use), and picks the validation images (``data.val_split``, or a held-out part of the
+training split).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ class StegoDataModule(L.LightningDataModule):
         global_batch: int,
         seed: int,
         num_workers: int = 0,
+        split: Any = None,
     ) -> None:
         super().__init__()
         self.train_pairs, self.train_indices, self.val = train_pairs, train_indices, val
+        self.split = split  # the stego.features.split.PreparedSplit the pairs come from
         self.global_batch, self.seed, self.num_workers = global_batch, seed, num_workers
 
     def _loader(self, dataset: Dataset, batch: int, sampler: Any) -> DataLoader:
@@ -80,23 +83,15 @@ def build_datamodule(
 
     Training pairs read the feature cache (``train.use_feature_cache``) or run ``backbone``
     live; the neighbour table has ``train.knn_k`` columns. Both are opened or built by
-    :mod:`stego.features.build` where ``stego features`` / ``stego knn`` write them.
+    :class:`stego.features.split.PreparedSplit` where ``stego features`` / ``stego knn``
+    write them.
     """
     from stego.data import dataset_info
     from stego.device import accelerator_device
-    from stego.features.build import (
-        SplitSpec,
-        cache_complete,
-        feature_cache,
-        neighbor_table,
-        open_split,
-        split_fingerprint,
-        table_path,
-    )
-    from stego.features.fingerprint import artifact_dir
+    from stego.features.build import cache_complete
+    from stego.features.split import PreparedSplit, SplitSpec, open_split
 
     d, t = config.data, config.train
-    spec = SplitSpec.from_config(config)
     info = dataset_info(d.dataset)
     run = dict(
         device=accelerator_device(t.accelerator),
@@ -105,16 +100,15 @@ def build_datamodule(
         progress=progress,
     )
     backbone.check_size(d.resolution, d.resolution)
-    train_ds = open_split(spec)
-    fp = split_fingerprint(backbone, train_ds, spec)
-    root, table = artifact_dir(spec.data_root, fp, spec.cache_dir), table_path(spec, fp, t.knn_k)
-    had = (cache_complete(root / "features"), table.is_file())
-    cache = feature_cache(backbone, train_ds, spec, t.use_feature_cache, **run)
-    nbrs = neighbor_table(backbone, train_ds, spec, t.knn_k, cache=cache, **run)
+    split = PreparedSplit.from_config(config, backbone)
+    train_ds, table = split.dataset, split.table_path(t.knn_k)
+    had = (cache_complete(split.features_dir), table.is_file())
+    cache = split.feature_cache(t.use_feature_cache, **run)
+    nbrs = split.neighbor_table(t.knn_k, cache=cache, **run)
     if progress:
         from stego.train.console import report_artifacts
 
-        report_artifacts(root, table, cache is not None, had)
+        report_artifacts(split.folder, table, cache is not None, had)
     has_labels = bool(getattr(train_ds, "has_labels", False))
     if cache is not None:
         from stego.features.cache import CachedFeatureDataset
@@ -136,6 +130,12 @@ def build_datamodule(
     # from the training step. Decoded images (live backbone) are worth the workers.
     workers = 0 if cache is not None else run["num_workers"]
     module = StegoDataModule(
-        pairs, train_idx, val, global_batch=d.batch_size, seed=t.seed, num_workers=workers
+        pairs,
+        train_idx,
+        val,
+        global_batch=d.batch_size,
+        seed=t.seed,
+        num_workers=workers,
+        split=split,
     )
     return module, info

@@ -63,26 +63,20 @@ def cause_clusterbook(
 ) -> torch.Tensor:
     """The CAUSE clusterbook (K, C) of the run's training items (held-out images excluded),
     from the feature cache or the live backbone, kept beside the cache
-    (:func:`stego.features.build.clusterbook`); ``log`` warns when it has fewer than
+    (:meth:`stego.features.split.PreparedSplit.clusterbook`); ``log`` warns when it has fewer than
     2 x ``n_clusters`` live concepts."""
     from stego.device import accelerator_device
-    from stego.features.build import SplitSpec, clusterbook, split_fingerprint
     from stego.features.calibration import LiveFeatures
     from stego.features.clusterbook import ClusterbookSettings, live_warning
-    from stego.features.fingerprint import artifact_dir
 
     pairs: Any = data.train_pairs
     if isinstance(pairs, CachedPairDataset):
-        cache = pairs.cached.cache
-        feats, fp, folder = cache, cache.fingerprint, cache.root.parent
+        feats: Any = pairs.cached.cache
     else:
-        spec = SplitSpec.from_config(config)
         feats = LiveFeatures(backbone, pairs.dataset, accelerator_device(config.train.accelerator))
-        fp = split_fingerprint(backbone, pairs.dataset, spec)
-        folder = artifact_dir(spec.data_root, fp, spec.cache_dir)
     settings = ClusterbookSettings.from_config(config)
-    book = clusterbook(
-        feats, list(data.train_indices), fp, folder, settings, progress=progress, log=log
+    book = data.split.clusterbook(
+        feats, list(data.train_indices), settings, progress=progress, log=log
     )
     warning = live_warning(book.live, n_clusters, settings)
     if warning is not None and log is not None:

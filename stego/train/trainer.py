@@ -12,6 +12,7 @@ from this module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     verbose: bool = False,
+    log: Callable[[str], None] | None = print,
 ) -> Path:
     """Train a head and probes as ``config`` says (``model.method``: STEGO's loss, or CAUSE's
     clusterbook, fitted or reused first, and contrastive loss); outputs go to ``out_dir``.
@@ -147,23 +149,30 @@ def train(
     from ``checkpoints/last.ckpt`` and reaches the weights an uninterrupted run would.
     ``progress``: one bar per stage and a line per artefact; ``verbose``: also Lightning's own
     banners, notices and progress bar (hidden by default, see
-    :func:`stego.train.console.quiet_libraries`).
+    :func:`stego.train.console.quiet_libraries`); ``log`` shows the chosen loss shifts and the
+    probe refit (also without ``progress``, as ``stego train --quiet`` does; None: silent).
     """
     from stego.train.console import quiet_libraries
 
     with quiet_libraries(verbose):
-        return _train(config, out_dir, resume=resume, progress=progress, verbose=verbose)
+        return _train(config, out_dir, resume=resume, progress=progress, verbose=verbose, log=log)
 
 
 def _train(
-    config: StegoConfig, out_dir: str | Path, *, resume: bool, progress: bool, verbose: bool
+    config: StegoConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    progress: bool,
+    verbose: bool,
+    log: Callable[[str], None] | None,
 ) -> Path:
     from stego.models.backbone import build_backbone
 
     config.validate()
     out_dir = Path(out_dir).expanduser()
     rank0 = env_rank() == 0
-    say = print if rank0 else None  # chosen shifts and the probe refit: shown even when quiet
+    say = log if rank0 else None
     ckpt = (
         check_out_dir(config, out_dir, resume)
         if rank0

@@ -45,7 +45,7 @@ def test_feature_cache_out_of_space(tmp_path, helpers, little_space) -> None:
                            resolution=32, shard_size=4, progress=False)  # fmt: skip
     assert str(root) in str(info.value)
     assert not list(root.glob("*.npy")) and not helpers.stray_temps(root)
-    with pytest.raises(StegoError, match="unfinished"):  # the manifest says: not complete
+    with pytest.raises(StegoError, match="manifest.json missing"):  # refused before writing
         FeatureCache.open(root)
 
 
@@ -59,9 +59,10 @@ def test_feature_cache_disk_full_mid_write_leaves_no_torn_shard(
     """The disk fills while a shard is being finished: no shard or temp file is left behind and
     no partial cache is ever opened."""
     from stego.features import cache as fc
+    from stego.features import shards
     from stego.models.backbone import build_backbone
 
-    monkeypatch.setattr(fc, "_save_npy", _enospc)
+    monkeypatch.setattr(shards, "save_npy", _enospc)
     root = tmp_path / "cache"
     with pytest.raises((StegoError, OSError)):
         fc.FeatureCache.build(build_backbone("tiny-vit", pretrained=False),

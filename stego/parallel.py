@@ -1,0 +1,106 @@
+"""Work shared by several processes (devices of one machine, or several machines).
+
+``stego features``, ``stego eval`` and ``stego predict`` take ``--devices N --num-nodes M``
+like ``stego train``: :func:`launch` starts the processes with Lightning Fabric's ``ddp``
+strategy (its launcher reruns the command once per extra device; on several machines the
+command is started on each, as for training) and each process gets a :class:`ProcessGroup`
+saying which share of the items is its own. The processes meet at barriers and sum tensors
+over the process group (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["ProcessGroup", "ONE_PROCESS", "launch"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place among ``world`` processes, and its device.
+
+    ``fabric``: the :class:`lightning.fabric.Fabric` joining them (None for one process).
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    fabric: Any = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this process prints and writes what is written once."""
+        return self.rank == 0
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This process's items: every ``world``-th, from the ``rank``-th."""
+        return list(items[self.rank :: self.world])
+
+    def block(self, n: int, run: int) -> range:
+        """This process's positions of ``n`` items: one stretch of whole runs of ``run`` items
+        (rank 0 the first), so that batches of ``run`` are those one process makes."""
+        runs = -(-n // run)
+        size = -(-runs // self.world) * run
+        start = min(n, self.rank * size)
+        return range(start, min(n, start + size))
+
+    def stretch(self, items: Sequence[T], run: int) -> list[T]:
+        """This process's stretch of ``items`` (:meth:`block`), taken once every process has
+        listed them: the list may depend on files that the others are about to write."""
+        self.barrier()
+        return [items[i] for i in self.block(len(items), run)]
+
+    def barrier(self) -> None:
+        if self.fabric is not None:
+            self.fabric.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes (the same shape in each)."""
+        if self.fabric is None:
+            return tensor
+        return self.fabric.all_reduce(tensor, reduce_op="sum")
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (picklable), in rank order."""
+        if self.fabric is None:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def concat(self, items: list[T]) -> list[T]:
+        """Every process's ``items`` one after the other, in rank order."""
+        return [item for part in self.gather(items) for item in part]
+
+
+ONE_PROCESS = ProcessGroup()
+
+
+def launch(
+    *,
+    devices: int = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    device: str | None = None,
+) -> ProcessGroup:
+    """Start ``devices`` processes on this machine (of ``devices x num_nodes`` in all) and
+    return this one's group. With one process in all, nothing starts: the group runs on
+    ``device`` (default: :func:`stego.device.resolve_device`)."""
+    from stego.device import resolve_device
+    from stego.errors import StegoError
+
+    if devices < 1 or num_nodes < 1:
+        raise StegoError(f"--devices and --num-nodes must be >= 1, got {devices} and {num_nodes}")
+    if devices * num_nodes == 1:
+        return ProcessGroup(device=resolve_device(device))
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    fabric.launch()
+    return ProcessGroup(fabric.global_rank, fabric.world_size, str(fabric.device), fabric)

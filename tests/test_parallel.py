@@ -1,0 +1,137 @@
+"""Several processes (``--devices 2`` on the CPU: Lightning's ddp over gloo) write what one
+process writes: the same feature-cache shards, byte for byte, and resume an interrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stego.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# each test starts two fresh interpreters (torch, Lightning): seconds on a quiet machine
+pytestmark = pytest.mark.slow
+
+
+def _run_two_processes(args: list[str]) -> str:
+    """``stego ARGS --devices 2 --accelerator cpu`` in a fresh interpreter; its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "stego.cli", *args, "--devices", "2", "--accelerator", "cpu"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{exc}: {exc.stdout!r} {exc.stderr!r}") from None
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(10):  # noise, so that every item's features differ
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            folder / f"{i:02d}.png"
+        )
+    return folder
+
+
+def _features_args(images: Path, out: Path) -> list[str]:
+    return ["features", "--dataset", "folder", "--data-root", str(images), "--split", "all",
+            "--resolution", "32", "--backbone", "tiny-vit", "--out", str(out),
+            "--num-workers", "0", "--batch-size", "2", "--shard-size", "3"]  # fmt: skip
+
+
+def test_two_processes_resume_a_feature_cache_to_one_process_bytes(
+    images: Path, tmp_path: Path
+) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*_features_args(images, one), "--quiet"]) == 0
+    # an interrupted run: shards 1 and 3 (of 0..3) missing, a half-written temp file, the
+    # manifest not complete
+    shutil.copytree(one, two)
+    for name in ("feats-00001.npy", "global-00001.npy", "feats-00003.npy", "global-00003.npy"):
+        (two / name).unlink()
+    (two / ".feats-00003.npy.tmp-1234").write_bytes(b"torn")
+    manifest = json.loads((two / "manifest.json").read_text())
+    (two / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    kept = (two / "feats-00000.npy").stat().st_mtime_ns
+
+    printed = _run_two_processes(_features_args(images, two))
+
+    assert printed.count("feature cache ready") == 1  # one summary (rank 0)
+    assert "2/4 shards" in printed  # only the missing shards were computed
+    assert (two / "feats-00000.npy").stat().st_mtime_ns == kept
+    names = sorted(p.name for p in one.iterdir())
+    assert sorted(p.name for p in two.iterdir()) == names  # the torn temp file is gone
+    for name in names:
+        if name != ".lock":
+            assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_two_processes_score_the_confusion_matrices_of_one(tmp_path: Path) -> None:
+    from test_evaluation import _camvid_like, _tiny_camvid_model
+
+    from stego.models.pretrained import save_pretrained
+
+    data = _camvid_like(tmp_path / "camvid", n=5)
+    save_pretrained(_tiny_camvid_model(), tmp_path / "model", include_backbone=True)
+    args = ["eval", "--checkpoint", str(tmp_path / "model"), "--data-root", str(data),
+            "--resolution", "32", "--batch-size", "2", "--no-progress",
+            "--examples", "5"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    printed = _run_two_processes([*args, "--out", str(tmp_path / "two")])
+
+    assert printed.count("mIoU") == 1  # one summary (rank 0)
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert two["n_images"] == one["n_images"] == 5
+    for probe in ("cluster", "linear"):
+        assert two[probe]["confusion"] == one[probe]["confusion"]
+        assert sum(map(sum, two[probe]["confusion"])) > 0
+    # the example figures show the same first images (from both processes: 4 + 1)
+    examples = [np.load(tmp_path / d / "examples.npz") for d in ("one", "two")]
+    for key in examples[0].files:
+        assert np.array_equal(examples[0][key], examples[1][key]), key
+
+
+def test_two_processes_finish_an_interrupted_prediction_with_one_process_bytes(
+    tmp_path: Path,
+) -> None:
+    from test_prediction import tiny_segmenter
+
+    from stego.models.pretrained import save_pretrained
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    save_pretrained(tiny_segmenter(), tmp_path / "model", include_backbone=True)
+    args = ["predict", "--checkpoint", str(tmp_path / "model"), str(folder), "--workers", "0",
+            "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one), "--quiet"]) == 0
+    shutil.copytree(one, two)
+    for name in ("1.png", "4.png", "5.png"):  # an interrupted run: these outputs missing
+        (two / "labels" / name).unlink()
+        (two / "overlays" / name).unlink()
+
+    printed = _run_two_processes([*args, "--out", str(two)])
+
+    assert printed.count("predicted 3 images") == 1 and "3 already done" in printed
+    written = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file()) == written
+    for rel in written:
+        assert (two / rel).read_bytes() == (one / rel).read_bytes(), rel
