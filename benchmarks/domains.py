@@ -10,10 +10,11 @@ its labels: one confusion matrix over the folder, Hungarian matching, strict rul
 - ``figground``: the COCO photos whose things cover 15-60 % of the labelled pixels, scored as
   thing vs stuff (K = 2): the figure/ground task a saliency-tuned backbone is good at.
 
-Labels are read only to score. The data lives under ``--shared`` (default ``$STEGO_SHARED`` or
-``../shared`` beside the repository). Variants: ``default`` (the command's defaults), ``raw``
-(head ``none``: cosine k-means on the backbone's block-8 features through the same command),
-and any ``segment_folder`` keyword with ``--set key=value``.
+Labels are read only to score. The data lives under ``--shared`` (default: ``$STEGO_SHARED`` or
+``../shared`` beside the repository, benchmarks/shared_data.py). Variants: ``default`` (the
+command's defaults), ``raw`` (head ``none``: cosine k-means on the backbone's block-8 features
+through the same command), any ``segment_folder`` keyword with ``--set key=value`` and any
+training-config key with ``--config-set section.key=value``.
 
     python benchmarks/domains.py --variants default raw --out domains.jsonl
     python benchmarks/domains.py --domains coco --variants default --set layer=8 --tag l8
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segment_folders import emit, run_one  # noqa: E402
+from shared_data import SHARED  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 THING_SHARE = (0.15, 0.60)  # figure/ground images: things cover this share of labelled pixels
 
 
@@ -51,7 +52,7 @@ class Domain:
 
 
 def shared_root(option: str | None) -> Path:
-    return Path(option or os.environ.get("STEGO_SHARED") or REPO.parent / "shared")
+    return Path(option) if option else SHARED
 
 
 def camvid_domain(shared: Path, prefix: str) -> Domain:
@@ -150,7 +151,11 @@ def main() -> None:
     )
     parser.add_argument("--tag", default=None, help="name of the runs (default: the variant)")
     parser.add_argument("--out", default=None, help="append one JSON line per run here")
+    parser.add_argument("--table", default=None, help="only print the table of a --out file")
     args = parser.parse_args()
+    if args.table:
+        print_table([json.loads(line) for line in open(args.table) if line.strip()])
+        return
     domains = all_domains(shared_root(args.shared))
     work = Path(args.work)
     kwargs = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
