@@ -239,7 +239,8 @@ def fold_records(args: Any, prefix: str, seed: int) -> list[dict]:
     base = {"fold": prefix, "seed": seed, "n_images": len(paths)}
     records = [{**base, "method": "encode", "seconds": round(time.perf_counter() - start, 1)}]
     emit(records[0], args.out)
-    records += hungarian(codes, labels, base, args.out)
+    if args.baselines:
+        records += hungarian(codes, labels, base, args.out)
     for k in args.clusters:
         centroids = fit_clusters(codes, k, seed)
         clusters = cluster_maps(codes, centroids)
@@ -251,7 +252,8 @@ def fold_records(args: Any, prefix: str, seed: int) -> list[dict]:
                 for r in records[-len(args.methods) :]:
                     r.update({**base, "clusters": k, "labelled": n, "draw": draw})
                     emit(r, args.out)
-    records += all_labels_probe(args, model, run, codes, labels, base, prefix)
+    if args.baselines:
+        records += all_labels_probe(args, model, run, codes, labels, base, prefix)
     return records
 
 
@@ -388,6 +390,13 @@ def main() -> None:
         "--methods", nargs="+", default=["majority", "probe", "probe-feat"],
         choices=["majority", "probe", "probe-feat"],
     )  # fmt: skip
+    parser.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="leave out the Hungarian and all-labels probe rows (e.g. a second process that "
+        "covers other --clusters from the same cached codes)",
+    )
     parser.add_argument("--speed", action="store_true", help="only time `stego name`")
     parser.add_argument("--table", default=None, help="print the table of this results file")
     args = parser.parse_args()

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,17 +102,38 @@ def render_results(layout: ResultsLayout, class_map: ClassMap, *, progress: bool
     """Rewrite RESULTS for ``class_map``: ``labels/`` class ids, ``clusters/`` cluster ids,
     overlays with a legend of names, the contact sheet, ``summary.json`` (classes and their
     pixel shares) and ``model/classes.json``; built aside, then swapped in."""
-    from stego.viz import contact_sheet
-
     root = layout.root
     stage = root / STAGE
-    shutil.rmtree(stage, ignore_errors=True)  # left by a naming that failed
+    shutil.rmtree(stage, ignore_errors=True)  # left by a naming that was killed
+    try:
+        _render_all(layout, class_map, stage, progress)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # RESULTS stays as it was
+        raise
+    _swap(root, stage, layout.clusters_dir)
+    write_class_map(layout.model_dir, class_map)
+
+
+def _render_all(layout: ResultsLayout, class_map: ClassMap, stage: Path, progress: bool) -> None:
+    """Write every output of naming into ``stage``, the images by one thread a core."""
+    from stego.viz import contact_sheet
+
     colours = np.asarray(class_map.colors, dtype=np.uint8).reshape(-1, 3)
     counts = np.zeros(class_map.n_classes, dtype=np.int64)
-    for i, rel in enumerate(layout.rels):
-        counts += _render_one(layout, rel, class_map, stage, colours)
-        if progress:
-            print(f"\rname: {i + 1}/{len(layout.rels)} images", end="", file=sys.stderr, flush=True)
+    # threads: PNG decoding and encoding (zlib) and numpy release the GIL, so every core works
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        jobs = [
+            pool.submit(_render_one, layout, rel, class_map, stage, colours) for rel in layout.rels
+        ]
+        for i, job in enumerate(jobs):
+            try:
+                counts += job.result()  # re-raises a failed image's error
+            except BaseException:
+                for other in jobs:
+                    other.cancel()  # no need to render the rest
+                raise
+            if progress:
+                print(f"\rname: {i + 1}/{len(jobs)} images", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     legend = [
@@ -124,8 +146,6 @@ def render_results(layout: ResultsLayout, class_map: ClassMap, *, progress: bool
         _write_png(stage / "contact_sheet.png", sheet)
     with atomic_write(stage / "summary.json", "w") as handle:
         json.dump(_summary(layout, class_map, counts), handle, indent=2)
-    _swap(root, stage, layout.clusters_dir)
-    write_class_map(layout.model_dir, class_map)
 
 
 def _swap(root: Path, stage: Path, clusters_dir: Path) -> None:
