@@ -225,3 +225,103 @@ def test_cli_predict(images: Path, tmp_path: Path) -> None:
         )
         == 2
     )
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+@pytest.fixture()
+def mixed(tmp_path: Path) -> Path:
+    """Images of six sizes; at patch 8 and max_side 24 six of them share a padded network
+    size (24x40 / 22x38 / 20x36 native, 48x80 downscaled to 24x40), two do not."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "mixed"
+    root.mkdir()
+    sizes = [(24, 40), (22, 38), (33, 17), (20, 36), (48, 80), (24, 40), (22, 38), (9, 9)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
+def test_mixed_sizes_share_batches_with_the_labels_of_one_image_batches(
+    mixed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images of different sizes go through the backbone together when their padded network
+    inputs agree, and every label map is byte for byte the one a batch of one gives."""
+    model = tiny_segmenter()
+    batches: list[int] = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda x, **kw: batches.append(len(x)) or encode(x, **kw))
+    kw = dict(num_workers=0, progress=False, max_side=24, flip=False)
+    alone = predict_paths(model, [mixed], tmp_path / "alone", batch_size=1, **kw)
+    assert batches == [1] * 8
+    batches.clear()
+    together = predict_paths(model, [mixed], tmp_path / "together", batch_size=4, **kw)
+    assert batches == [4, 1, 2, 1]  # the six of one padded size in two batches
+    assert together.written == alone.written == sorted(alone.written)
+    alone_files = [p for p in (tmp_path / "alone").rglob("*") if p.is_file()]
+    assert len(alone_files) == 2 * 8 + 1  # labels, overlays, clusters.json
+    for rel in sorted(p.relative_to(tmp_path / "alone") for p in alone_files):
+        assert (tmp_path / "together" / rel).read_bytes() == (tmp_path / "alone" / rel).read_bytes()
+
+
+def test_mixed_sizes_crf_labels_match_one_image_batches(mixed: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pydensecrf")
+    model = tiny_segmenter()
+    kw = dict(num_workers=0, progress=False, max_side=24, crf=True, crf_workers=1, flip=False)
+    predict_paths(model, [mixed], tmp_path / "alone", batch_size=1, **kw)
+    predict_paths(model, [mixed], tmp_path / "together", batch_size=4, **kw)
+    for path in sorted((tmp_path / "alone" / "labels").iterdir()):
+        assert (tmp_path / "together" / "labels" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_size_batches_group_within_chunks() -> None:
+    from stego.infer.loading import ReadImage, size_batches
+
+    shapes = [(2, 2), (3, 3), (2, 2), (3, 3), (2, 2), None, (2, 2), (3, 3), (3, 3)]
+    stream = [
+        ReadImage(i, None if s is None else np.zeros((*s, 3), np.uint8), "bad" if s is None else "")
+        for i, s in enumerate(shapes)
+    ]
+    got = [[r.index for r in b] for b in size_batches(iter(stream), 2, 4, lambda a: a.shape)]
+    # chunk 0-3: two full pairs; chunk 4-7: the bad image at once, then 4+6 full, 7 left over;
+    # chunk 8: 8 alone
+    assert got == [[0, 2], [1, 3], [5], [4, 6], [7], [8]]
+
+
+def test_a_failed_write_stops_the_run_naming_the_image(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stego.infer.predict as predict
+
+    def full_disk(out_dir, rel, *args) -> None:
+        if rel.name == "gray.png":
+            raise OSError(28, "No space left on device")
+        real(out_dir, rel, *args)
+
+    real = predict.write_outputs
+    monkeypatch.setattr(predict, "write_outputs", full_disk)
+    with pytest.raises(StegoError, match="gray.png.*No space left"):
+        predict_paths(tiny_segmenter(), [images], tmp_path / "out", num_workers=0, progress=False)
+    assert not (tmp_path / "out" / "labels" / "gray.png").exists()
+
+
+def test_output_writer_bounds_waiting_writes_and_reports_errors() -> None:
+    import threading
+
+    from stego.infer.writing import OutputWriter
+
+    gate, started, done = threading.Event(), [], []
+    writer = OutputWriter(threads=1, max_pending=2)
+    writer.submit("a", lambda: (started.append("a"), gate.wait()), done=lambda: done.append("a"))
+    writer.submit("b", lambda: started.append("b"), done=lambda: done.append("b"))
+    third = threading.Thread(target=writer.submit, args=("c", lambda: None))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # two writes wait: the third is held back
+    gate.set()
+    third.join(5)
+    writer.submit("d", lambda: 1 / 0)
+    with pytest.raises(StegoError, match="outputs of d: division by zero"):
+        writer.close()
+    assert done == ["a", "b"]

@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=4,
-        help="images per forward pass when consecutive images share a size",
+        help="images per forward pass; images whose network inputs pad to one size share "
+        "batches even when their own sizes differ",
     )
     parser.add_argument(
         "--device",
@@ -87,8 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=2,
-        help="image-reading worker processes (0 = read in the main process)",
+        default=None,
+        help="image-decoding worker processes per device (default: CPUs - 1, at most 4; "
+        "0 = decode in the main process)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     add_process_arguments(parser)

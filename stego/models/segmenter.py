@@ -335,6 +335,24 @@ class Segmenter(nn.Module):
         return _to_output_size(scores, padded_size, own, size).max(dim=1).indices
 
     @torch.no_grad()
+    def log_probs_from_code(
+        self, found: PaddedCode, *, size: tuple[int, int] | None = None, probe: str = "cluster"
+    ) -> Tensor:
+        """:meth:`forward`'s log-probabilities (B, K, H, W) of ``probe`` (cluster, linear, or
+        class: the clusters' merged by :attr:`classes`), from codes :meth:`encode_any` made."""
+        if probe not in PROBES:
+            raise StegoError(f"unknown probe {probe!r}; valid: {', '.join(PROBES)}")
+        if probe == "linear" and self.linear_probe is None:
+            raise StegoError("probe='linear' needs a model with a linear probe; use 'cluster'")
+        if probe == "class" and self.classes is None:
+            raise StegoError("probe='class' needs named clusters (stego name); use 'cluster'")
+        full = _to_output_size(found.code, found.padded_size, found.own_size, size)
+        if probe == "linear":
+            return F.log_softmax(self.linear_probe(full), dim=1)
+        cluster = self.cluster_probe.log_probs(full, alpha=self.meta.alpha)
+        return cluster if probe == "cluster" else self.classes.merge_log_probs(cluster)
+
+    @torch.no_grad()
     def predict(
         self,
         images: Tensor,
