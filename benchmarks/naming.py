@@ -45,18 +45,19 @@ PIXELS_PER_IMAGE = 4000  # labelled pixels sampled per image to fit a classifier
 def train_head(folder: Path, out: Path, seed: int) -> Any:
     """The folder's model, trained as `stego segment` trains it; prediction is left to this
     script (the head and the fit clusters are all it needs from the run)."""
+    import stego.folder_model as folder_model
     import stego.segment as segment
     from stego.infer import predict
     from stego.models.pretrained import load
 
     if not (out / "model" / "config.json").is_file():
-        original = predict.predict_paths, segment.FOLDER_FIT_MIN_IMAGES
+        original = predict.predict_paths, folder_model.FOLDER_FIT_MIN_IMAGES
         predict.predict_paths = lambda *a, **k: predict.PredictSummary(out_dir=out)
-        segment.FOLDER_FIT_MIN_IMAGES = 10**9  # the clusters are fit below, for each K
+        folder_model.FOLDER_FIT_MIN_IMAGES = 10**9  # the clusters are fit below, for each K
         try:
             segment.segment_folder(folder, out, clusters=N_CLASSES, seed=seed, progress=False)
         finally:
-            predict.predict_paths, segment.FOLDER_FIT_MIN_IMAGES = original
+            predict.predict_paths, folder_model.FOLDER_FIT_MIN_IMAGES = original
     return load(out / "model")
 
 

@@ -10,7 +10,7 @@ over the process group (NCCL on GPUs, gloo on CPUs).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -73,6 +73,27 @@ class ProcessGroup:
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def on_main(self, job: Callable[[], T]) -> T | None:
+        """``job()`` run in the main process only, the others waiting for it; its result there
+        (None in the others). A failure there is raised in every process (the others as
+        :class:`StegoError`), so none waits for ever."""
+        if self.fabric is None:
+            return job()
+        result, error = None, None
+        if self.main:
+            try:
+                result = job()
+            except Exception as exc:  # raised below, once the others know
+                error = exc
+        failed = self.gather(None if error is None else f"{type(error).__name__}: {error}")[0]
+        if error is not None:
+            raise error
+        if failed is not None:
+            from stego.errors import StegoError
+
+            raise StegoError(f"the main process (rank 0) failed: {failed}")
+        return result
 
     def concat(self, items: list[T]) -> list[T]:
         """Every process's ``items`` one after the other, in rank order."""

@@ -20,18 +20,18 @@ interrupted run continues where it stopped when the same command is run again.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
+from stego.folder_model import SegmentSettings, on_cpu, share_features, train_model
 from stego.models.choice import backbone_note, default_backbone
+from stego.parallel import ONE_PROCESS, ProcessGroup
 
 __all__ = [
     "SegmentSettings",
@@ -53,39 +53,9 @@ MAX_STEPS = 400  # see choose_steps
 # there is nothing to gain, and the cost grows with the square of the side.
 PREDICT_SCALE = 2
 CODE_DIM = 32  # better than 70 and 128 on CamVid at this many steps (docs/benchmarks.md)
-# The cluster probe is refit on the codes prediction computes (whole images at the prediction
-# size, flip-averaged) of this many images of the folder, chosen at random (seeded): ~60k codes
-# at 480 x 360, more than the 50k rows k-means samples. See _fit_clusters_to_folder.
-PROBE_FIT_IMAGES = 64
-# Smaller folders keep the clusters training fit on its five-cropped views: the refit was only
-# measured on folders of 101-367 images (+1.4 mIoU), and on the 4 photos of `stego demo` it
-# merged the cat, the cup and the backgrounds into one cluster that training's fit kept apart.
-FOLDER_FIT_MIN_IMAGES = 64
-# Images of the folder the label-free position check reads (stego.eval.labelfree): a few seconds
-# of backbone time at the training size.
-POSITION_CHECK_IMAGES = 32
 # With labels (`--labels`), clusters found before naming when --clusters is not given: naming
 # works best with more clusters than classes (docs/benchmarks.md, "Naming clusters").
 NAMED_CLUSTERS = 44
-
-
-@dataclass
-class SegmentSettings:
-    """What ``stego segment`` decided (or was told); saved in ``summary.json``."""
-
-    clusters: int
-    backbone: str
-    layer: int | None
-    resolution: int
-    steps: int
-    predict_side: int  # shorter side fed to the network at prediction, at most
-    five_crop: bool
-    crf: bool
-    seed: int
-    batch_size: int
-    shifts: dict[str, float] = field(default_factory=dict)
-    method: str = "stego"  # "cause": CAUSE's clusterbook and head instead of STEGO's loss
-    weights: str | None = None  # a local weights file for the backbone
 
 
 def default_out_dir(input_dir: str | Path) -> Path:
@@ -158,129 +128,6 @@ def _use_cause(config: Any, s: SegmentSettings, n_items: int) -> None:
     lo.cause_concepts = min(lo.cause_concepts, n_items * (side // lo.cause_cell) ** 2)
 
 
-def _refuse_other_settings(config: Any, run: Path, out: Path) -> None:
-    """A rerun into the same ``out`` continues the earlier run only with the same settings;
-    otherwise it would reuse a model trained for others (e.g. another --clusters)."""
-    from stego.train.checkpoints import config_diffs
-
-    # --skip-bad may be added to get past a bad image: it does not change what was learnt
-    diffs = config_diffs(config, run / "config.yaml")
-    diffs = [d for d in diffs if not d.startswith("data.skip_bad")]
-    if diffs:
-        raise StegoError(
-            f"{out} holds a run with other settings ({'; '.join(diffs)}); rerun with the same "
-            "settings to continue it, or pass another --out (or delete that folder)"
-        )
-
-
-def _folder_model(
-    out: Path,
-    run: Path,
-    images: list[tuple[Path, Path]],
-    s: SegmentSettings,
-    skip_bad: bool,
-    progress: bool,
-) -> tuple[Any, list[Any]]:
-    """The trained model, saved to ``out/model``, with its clusters refit to the folder when it
-    holds at least ``FOLDER_FIT_MIN_IMAGES`` images, and the codes of the images it was fit on
-    (none when a model saved there by an interrupted run is reused, which keeps its labels
-    consistent)."""
-    from stego.models.pretrained import load, save_pretrained
-
-    saved = out / "model"
-    if (saved / "config.json").is_file():
-        model = load(saved)
-        if "cluster_fit" in model.meta.extra:
-            return model, []
-    model = load(run / "model")
-    train_config = yaml.safe_load((run / "config.yaml").read_text())
-    if len(images) < FOLDER_FIT_MIN_IMAGES:
-        save_pretrained(model, saved, train_config=train_config)
-        return model, []
-    if progress:
-        count = min(PROBE_FIT_IMAGES, len(images))
-        print(f"fitting the {s.clusters} clusters to the codes of {count} images", flush=True)
-    encoded = _fit_clusters_to_folder(model, images, s, skip_bad)
-    n_codes = sum(e.found.code[0, 0].numel() for e in encoded)
-    model.meta.extra["cluster_fit"] = {"codes": n_codes, "max_side": s.predict_side}
-    save_pretrained(model, saved, train_config=train_config)
-    return model, encoded
-
-
-def _fit_clusters_to_folder(
-    model: Any, images: list[tuple[Path, Path]], s: SegmentSettings, skip_bad: bool
-) -> list[Any]:
-    """Refit the model's cluster centroids by spherical k-means (10 restarts, seeded) on the codes
-    that prediction will compute: up to ``PROBE_FIT_IMAGES`` whole images of the folder at the
-    prediction size, flip-averaged. Returns their codes (:class:`stego.infer.predict.EncodedImage`
-    list), from which prediction labels them without a second backbone pass.
-
-    Training fits the centroids on its five-cropped 224-pixel views (without flip), whose codes
-    are distributed differently from those of whole images at up to 2x that scale. On held-out
-    CamVid sequences (each segmented as its own folder, seeds 0 / 1) this refit gave 28.8 / 28.6
-    vs 27.5 / 27.1 mIoU (0006R0) and 27.7 / 27.9 vs 26.6 / 26.3 (0016E5); docs/benchmarks.md.
-    """
-    import torch
-
-    from stego.infer.predict import encode_paths
-
-    rng = np.random.default_rng(s.seed)
-    count = min(PROBE_FIT_IMAGES, len(images))
-    pick = sorted(rng.choice(len(images), size=count, replace=False).tolist())
-    encoded = encode_paths(
-        model, [images[i][0] for i in pick], max_side=s.predict_side, skip_bad=skip_bad
-    )
-    if not encoded:
-        raise StegoError(
-            "none of the sampled images could be read to fit the clusters; check the folder"
-        )
-    rows = torch.cat([e.found.code[0].flatten(1).T for e in encoded])  # (N, D)
-    generator = torch.Generator().manual_seed(s.seed)
-    model.cluster_probe.fit_kmeans(rows, n_restarts=10, generator=generator)
-    return encoded
-
-
-def _position_warning(
-    model: Any, images: list[tuple[Path, Path]], s: SegmentSettings, progress: bool
-) -> list[str]:
-    """The label-free position check (:mod:`stego.eval.labelfree`) on the raw features of up to
-    ``POSITION_CHECK_IMAGES`` of the folder's images at the training size (a few seconds); a
-    warning when the folder's segments would follow where things are in the frame rather than
-    what they are."""
-    import torch
-
-    from stego.data.transforms import pad_to_multiple
-    from stego.eval.labelfree import check_position
-    from stego.infer.predict import read_image_rgb, resize_for_network
-
-    rng = np.random.default_rng(s.seed)
-    count = min(POSITION_CHECK_IMAGES, len(images))
-    feats = []
-    for i in sorted(rng.choice(len(images), size=count, replace=False).tolist()):
-        try:
-            array = read_image_rgb(images[i][0])
-        except StegoError:
-            continue  # prediction reports unreadable images
-        image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
-        small = pad_to_multiple(resize_for_network(image, s.resolution), model.patch_size)
-        feats.append(model.backbone(small.tensor).feat[0])  # (C, h, w)
-    if len(feats) < 2:
-        return []
-    check = check_position(feats, s.clusters, seed=s.seed)
-    if not check.follows_position:
-        return []
-    message = (
-        f"the segments would follow where things are in the frame more than what they are "
-        f"(label-free check on {check.n_images} images: position dependence {check.plain:.2f}, "
-        f"{check.centred:.2f} without the backbone's position signal). The backbone "
-        f"{s.backbone} carries image position in its features; use real DINO / DINOv2 weights "
-        "(--weights FILE, see the README) for segments by meaning"
-    )
-    if progress:
-        print(f"WARNING: {message}", flush=True)
-    return [message]
-
-
 def _contact_sheet(out: Path, max_images: int = 24) -> Path | None:
     """A grid of the first images' overlay thumbnails, as one PNG."""
     from stego.viz import contact_sheet, save_png
@@ -320,6 +167,7 @@ def segment_folder(
     progress: bool = True,
     verbose: bool = False,
     method: str = "stego",
+    group: ProcessGroup = ONE_PROCESS,
 ) -> dict[str, Any]:
     """Segment every image under ``input_dir`` into ``clusters`` kinds; outputs in ``out_dir``.
 
@@ -332,6 +180,10 @@ def segment_folder(
     defaults to ``NAMED_CLUSTERS`` then. Without labels, ``clusters`` is required.
 
     ``verbose``: also what the libraries print during training (hidden by default).
+    ``group``: processes sharing the feature extraction and the prediction
+    (:func:`stego.parallel.launch`); training runs in the main one, the same as in a run of one
+    process, so every process's labels are those one process writes. The others return only
+    ``n_images`` and ``skipped``.
     ``resolution`` and ``batch_size`` default to the config's (:class:`stego.config.DataConfig`);
     the resolution is then rounded down to a multiple of the backbone's patch size.
 
@@ -341,9 +193,7 @@ def segment_folder(
     """
     from stego.config import StegoConfig
     from stego.infer.predict import collect_images, predict_paths
-    from stego.losses import SHIFT_KEYS
     from stego.models.registry import patch_size
-    from stego.train.trainer import train
 
     input_dir, out = Path(input_dir).expanduser(), Path(out_dir).expanduser()
     if clusters is None and labels is None:
@@ -383,19 +233,23 @@ def segment_folder(
         method=method,
         weights=weights,
     )
-    _say_backbone(s, progress)
+    main = group.main
+    progress_here = progress and main  # one process prints
+    _say_backbone(s, progress_here)
     work = out / "work"
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if use_five:
         from stego.data import write_five_crops
 
-        _stage(1, f"five-crop {len(images)} images", progress)
-        write_five_crops(
-            "folder", input_dir, "all", work / "crops", progress=progress, skip_bad=skip_bad
+        _stage(1, f"five-crop {len(images)} images", progress_here)
+        group.on_main(
+            lambda: write_five_crops(
+                "folder", input_dir, "all", work / "crops", progress=progress, skip_bad=skip_bad
+            )
         )
     else:
-        _stage(1, f"{len(images)} images: large enough, no five-crop", progress)
+        _stage(1, f"{len(images)} images: large enough, no five-crop", progress_here)
     timings["crop"] = time.perf_counter() - start
     config = _config(input_dir, work, s, n_items, skip_bad)
     _stage(
@@ -404,36 +258,39 @@ def segment_folder(
         f"{'the CAUSE clusterbook' if method == 'cause' else 'loss shifts from the data'}, "
         f"{s.steps} training steps and "
         f"the k-means cluster fit ({s.backbone}, {n_items} views)",
-        progress,
+        progress_here,
     )
-    run = work / "run"
-    last = run / "checkpoints" / "last.ckpt"
-    finished = (run / "model" / "config.json").is_file()
-    if run.exists() and not finished and not last.is_file():
-        shutil.rmtree(run)  # stopped before its first checkpoint: nothing worth keeping
-    _refuse_other_settings(config, run, out)
-    if not finished:
-        log = print if progress else None
-        train(config, run, resume=last.is_file(), progress=progress, verbose=verbose, log=log)
-    resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
-    if method == "stego":
-        s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}
-    model, encoded = _folder_model(out, run, images, s, skip_bad, progress)
-    warnings = _position_warning(model, images, s, progress)
+    if group.world > 1:  # every process extracts its share; training then reads the cache
+        share_features(config, group, progress_here)
+    # training and the cluster fit run in one process (as in a run of one), the others wait
+    trained = group.on_main(
+        lambda: train_model(config, out, images, s, skip_bad, progress, verbose)
+    )
+    model, encoded, warnings = trained if main else (None, [], [])
+    if not main:
+        from stego.models.pretrained import load
+
+        model = load(out / "model")
+    # every process labels the images whose codes the cluster fit computed from those codes
+    encoded = [e for part in group.gather(on_cpu(encoded)) for e in part]
     timings["train"] = time.perf_counter() - start - sum(timings.values())
-    _stage(3, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
+    _stage(3, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress_here)
     result = predict_paths(
         model,
         [input_dir],
         out,
         crf=crf,
         skip_bad=skip_bad,
-        progress=progress,
+        progress=progress_here,
         max_side=s.predict_side,
         encoded=encoded,
         probe="cluster",
+        device=group.device,
+        group=group,
     )
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
+    if not main:  # the summary, contact sheet and naming are written once
+        return {"n_images": len(images), "skipped": [str(p) for p, _ in result.skipped]}
     sheet = _contact_sheet(out)
     summary = {
         "input": str(input_dir),

@@ -38,7 +38,7 @@ def segmented_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     printed = io.StringIO()
     # the folder fit of the clusters, which needs 64 images by default, on these 4
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        patch.setattr("stego.segment.FOLDER_FIT_MIN_IMAGES", 4)
+        patch.setattr("stego.folder_model.FOLDER_FIT_MIN_IMAGES", 4)
         summary = segment_folder(
             images, out, clusters=2, backbone="tiny-vit", steps=4, resolution=32, progress=False
         )
@@ -90,7 +90,7 @@ def test_position_warning_names_the_backbone_and_the_fix(
 ) -> None:
     import stego
     from stego.eval import labelfree
-    from stego.segment import SegmentSettings, _position_warning
+    from stego.folder_model import SegmentSettings, _position_warning
 
     images, out, summary = segmented
     model = stego.load(out / "model")

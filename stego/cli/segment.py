@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stego.cli.features import add_process_arguments, launch_processes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from stego.segment import MAX_STEPS
@@ -98,6 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip unreadable images (listed in summary.json) instead of failing",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device of the feature extraction and prediction, e.g. cuda, cpu (default: "
+        "cuda if available; training picks its own, as `stego train --accelerator auto`)",
+    )
+    add_process_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(
         "--verbose", action="store_true", help="also show what the libraries print (Lightning)"
@@ -108,6 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stego.segment import default_out_dir, segment_folder
 
+    # --devices N: every process extracts and predicts a share; training runs in the first
+    group = launch_processes(args)
     five = {"auto": None, "yes": True, "no": False}[args.five_crop]
     summary = segment_folder(
         args.input,
@@ -126,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         verbose=args.verbose,
         method=args.method,
+        group=group,
     )
+    if not group.main:
+        return 0
     out = summary["outputs"]
     print(f"segmented {summary['n_images']} images in {summary['total_seconds']:.0f} s")
     print(f"  labels:        {out['labels']}")

@@ -101,8 +101,9 @@ def encode_paths(
             if skip_bad:
                 continue
             raise
+        image = resize_for_network(_as_input(array, device), max_side)  # (1, 3, h, w)
         with torch.inference_mode():
-            codes = model.encode_any(resize_for_network(_as_input(array, device), max_side), flip)
+            codes = model.encode_any(image, flip=flip)
         found.append(EncodedImage(path, (array.shape[0], array.shape[1]), codes))
     return found
 

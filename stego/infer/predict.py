@@ -202,7 +202,7 @@ def predict_paths(
     with OutputWriter(write_threads, max_pending=2 * batch_size) as writer:
         indices: Sequence[int] = range(len(todo))
         if encoded and not crf:  # label these from their codes, without the backbone
-            indices = _write_encoded(model, encoded, todo, run, writer, probe)
+            indices = _write_encoded(model, encoded, todo, run, writer, probe, device)
         stream = image_loader([todo[i][0] for i in indices], num_workers)
         stream = (ReadImage(indices[r.index], r.image, r.error) for r in stream)
         # CRF inputs wait until enough gather to keep every CRF worker busy (bounded memory)
@@ -281,6 +281,7 @@ def _write_encoded(
     run: _Run,
     writer: OutputWriter,
     probe: str,
+    device: str | torch.device,
 ) -> list[int]:
     """Write the ``todo`` images that have codes in ``encoded`` (decoded again in the writer,
     for the overlay); returns the positions in ``todo`` of the others."""
@@ -291,7 +292,8 @@ def _write_encoded(
         if entry is None:
             rest.append(index)
             continue
-        ids = model.ids_from_code(entry.found, size=entry.size, probe=probe)[0].cpu().numpy()
+        found = entry.found._replace(code=entry.found.code.to(device))  # (1, D, h, w)
+        ids = model.ids_from_code(found, size=entry.size, probe=probe)[0].cpu().numpy()
         args = (run.summary.out_dir, rel, source, ids, run.colours)
         writer.submit(source, _write_read, *args, done=run.on_written(source))
     return rest
