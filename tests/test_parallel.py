@@ -107,6 +107,8 @@ def test_two_processes_score_the_confusion_matrices_of_one(tmp_path: Path) -> No
 def test_two_processes_finish_an_interrupted_prediction_with_one_process_bytes(
     tmp_path: Path,
 ) -> None:
+    """Images of mixed sizes (three of four pad to one network size, so they share batches):
+    two processes finishing an interrupted run write the one process's bytes."""
     from test_prediction import tiny_segmenter
 
     from stego.models.pretrained import save_pretrained
@@ -114,9 +116,10 @@ def test_two_processes_finish_an_interrupted_prediction_with_one_process_bytes(
     rng = np.random.default_rng(0)
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png"
+    sizes = [(24, 40), (22, 38), (30, 20), (17, 33)]  # at patch 8: 24x40, 24x40, 32x24, 24x40
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (*sizes[i % 4], 3), dtype=np.uint8)).save(
+            folder / f"{i:02d}.png"
         )
     save_pretrained(tiny_segmenter(), tmp_path / "model", include_backbone=True)
     args = ["predict", "--checkpoint", str(tmp_path / "model"), str(folder), "--workers", "0",
@@ -124,14 +127,48 @@ def test_two_processes_finish_an_interrupted_prediction_with_one_process_bytes(
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*args, "--out", str(one), "--quiet"]) == 0
     shutil.copytree(one, two)
-    for name in ("1.png", "4.png", "5.png"):  # an interrupted run: these outputs missing
-        (two / "labels" / name).unlink()
-        (two / "overlays" / name).unlink()
+    for i in (1, 3, 4, 5, 6, 7, 8, 9, 11, 12, 14, 15):  # an interrupted run: these missing
+        (two / "labels" / f"{i:02d}.png").unlink()
+        (two / "overlays" / f"{i:02d}.png").unlink()
 
     printed = _run_two_processes([*args, "--out", str(two)])
 
-    assert printed.count("predicted 3 images") == 1 and "3 already done" in printed
+    # 12 left: chunks of 4 batches of 2 give the first process 8 and the second 4
+    assert printed.count("predicted 12 images") == 1 and "4 already done" in printed
     written = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
     assert sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file()) == written
     for rel in written:
         assert (two / rel).read_bytes() == (one / rel).read_bytes(), rel
+
+
+def test_two_processes_segment_a_folder_to_one_process_bytes(tmp_path: Path) -> None:
+    """`stego segment --devices 2`: both processes extract features and predict a share,
+    training runs in the first; every output is the one process's, byte for byte. 66 images,
+    so that the clusters are fit to 64 of them (their codes sent to the other process)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(66):
+        image = np.zeros((24, 32, 3), np.uint8)
+        image[:, : 8 + i % 16] = (200, 30, 30)  # two kinds of things, the border moving
+        image[:, 8 + i % 16 :] = (30, 30, 200)
+        noisy = np.clip(image + rng.integers(0, 40, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"{i:02d}.png")
+    args = ["segment", str(folder), "--clusters", "2", "--backbone", "tiny-vit", "--steps", "4",
+            "--resolution", "32", "--five-crop", "no", "--quiet"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one), "--device", "cpu"]) == 0
+
+    printed = _run_two_processes([*args, "--out", str(two)])
+
+    assert printed.count("segmented 66 images") == 1  # one summary (rank 0)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["n_images"] == 66
+    for sub in ("labels", "overlays"):
+        names = sorted(p.name for p in (one / sub).iterdir())
+        assert len(names) == 66 and sorted(p.name for p in (two / sub).iterdir()) == names
+        for name in names:
+            assert (two / sub / name).read_bytes() == (one / sub / name).read_bytes(), name
+    assert (two / "model" / "model.safetensors").read_bytes() == (
+        one / "model" / "model.safetensors"
+    ).read_bytes()
