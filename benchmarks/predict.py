@@ -6,10 +6,15 @@ and cluster probe; images at their native size (padded to the patch size). Measu
 1. bare backbone forward (one image at a time, already decoded);
 2. :func:`stego.infer.predict.predict_paths` without CRF (reading, flip averaging, writing PNGs),
    with and without the flip;
-3. the dense CRF alone on the same predictions, serial vs ``--crf-workers`` processes (the
+3. the same two (no flip) on a folder of mixed sizes: the images cropped in turn to 4 sizes
+   (480x360, 476x357, 470x350, 462x345: 4 padded network sizes), as photos of several cameras;
+4. the dense CRF alone on the same predictions, serial vs ``--crf-workers`` processes (the
    worker pool is kept between calls, as in ``predict``; its start-up is timed separately).
 
-Usage: python benchmarks/predict.py [--images DIR] [-n 32] [--out result.json]
+Works with older versions of the package too (``PYTHONPATH=<checkout>``), to compare code before
+and after a change in one sitting: options they lack are only passed when given.
+
+Usage: python benchmarks/predict.py [--images DIR] [-n 32] [--no-crf] [--out result.json]
 """
 
 from __future__ import annotations
@@ -71,14 +76,32 @@ def bench_backbone(model, files: list[Path]) -> float:
     return rate(len(images), time.perf_counter() - start)
 
 
-def bench_predict(model, files: list[Path], *, flip: bool, batch_size: int) -> float:
+def bench_predict(model, files: list[Path], *, flip: bool, batch_size: int, **options) -> float:
+    """images/s of ``predict_paths`` on ``files`` (decoding, network, writing the PNGs)."""
     from stego.infer.predict import predict_paths
 
     with tempfile.TemporaryDirectory() as out:
         summary = predict_paths(
-            model, files, out, flip=flip, batch_size=batch_size, progress=False, num_workers=2
+            model, files, out, flip=flip, batch_size=batch_size, progress=False, **options
         )
     return summary.images_per_second
+
+
+MIXED_SIZES = ((360, 480), (357, 476), (350, 470), (345, 462))  # (H, W), cycled
+
+
+def mixed_folder(files: list[Path], folder: Path) -> list[Path]:
+    """``files`` cropped in turn to :data:`MIXED_SIZES` (top-left crops), saved as PNGs."""
+    from PIL import Image
+
+    out = []
+    for i, source in enumerate(files):
+        height, width = MIXED_SIZES[i % len(MIXED_SIZES)]
+        with Image.open(source) as image:
+            crop = image.convert("RGB").crop((0, 0, width, height))
+        out.append(folder / f"{i:04d}.png")
+        crop.save(out[-1])
+    return out
 
 
 def bench_crf(model, files: list[Path], workers: int) -> dict[str, float]:
@@ -113,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="imgfocus-saliency-vits14", help="registry backbone")
     parser.add_argument("--clusters", type=int, default=11, help="clusters of the random probe")
     parser.add_argument("--batch-size", type=int, default=4, help="predict batch size")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: the package's)"
+    )
+    parser.add_argument("--no-crf", action="store_true", help="skip the CRF measures")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-size folder")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -128,21 +156,34 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "cpus": len(os.sched_getaffinity(0)),
     }
-    results["backbone_images_per_s"] = bench_backbone(model, files)
+    options = {} if args.workers is None else {"num_workers": args.workers}
+    results["load_average_1min"] = os.getloadavg()[0]
+    bare = results["backbone_images_per_s"] = bench_backbone(model, files)
     results["predict_images_per_s"] = bench_predict(
-        model, files, flip=True, batch_size=args.batch_size
+        model, files, flip=True, batch_size=args.batch_size, **options
     )
     results["predict_noflip_images_per_s"] = bench_predict(
-        model, files, flip=False, batch_size=args.batch_size
+        model, files, flip=False, batch_size=args.batch_size, **options
     )
-    bare = results["backbone_images_per_s"]
     # the target's ratio: one backbone pass per image on both sides
-    results["predict_noflip_over_backbone"] = results["predict_noflip_images_per_s"] / bare  # type: ignore[operator]
+    results["predict_noflip_over_backbone"] = results["predict_noflip_images_per_s"] / bare
     # flip averaging runs the backbone twice: compare with two bare passes
-    results["predict_flip_over_two_passes"] = results["predict_images_per_s"] / (bare / 2)  # type: ignore[operator]
-    crf_files = files[: args.crf_n or args.n]
-    results["crf_images"] = len(crf_files)
-    results.update(bench_crf(model, crf_files, args.crf_workers))
+    results["predict_flip_over_two_passes"] = results["predict_images_per_s"] / (bare / 2)
+    if not args.no_mixed:
+        with tempfile.TemporaryDirectory() as folder:
+            mixed = mixed_folder(files, Path(folder))
+            mixed_bare = results["mixed_backbone_images_per_s"] = bench_backbone(model, mixed)
+            results["mixed_predict_noflip_images_per_s"] = bench_predict(
+                model, mixed, flip=False, batch_size=args.batch_size, **options
+            )
+        results["mixed_predict_noflip_over_backbone"] = (
+            results["mixed_predict_noflip_images_per_s"] / mixed_bare
+        )
+    if not args.no_crf:
+        crf_files = files[: args.crf_n or args.n]
+        results["crf_images"] = len(crf_files)
+        results.update(bench_crf(model, crf_files, args.crf_workers))
+    results["load_average_1min_after"] = os.getloadavg()[0]
     results["peak_rss_mb_main_process"] = peak_rss_mb()
     print_table(results)
     if args.out:
