@@ -56,6 +56,13 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=32)
     parser.add_argument("--work", type=Path, default=Path("/tmp/stego-big-folder"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=("dry-run", "features", "predict"),
+        default=("dry-run", "features", "predict"),
+        help="the commands to run (default: all three)",
+    )
     args = parser.parse_args()
     folder = args.work / f"images-{args.images}-{args.side}"
     write_folder(folder, args.images, args.side)
@@ -78,7 +85,10 @@ def main() -> None:
                     "--out", str(args.work / f"predicted-{args.images}-{args.side}"),
                     "--workers", str(args.workers)],
     }  # fmt: skip
+    chosen = {"dry-run": "features --dry-run", "features": "features", "predict": "predict"}
     for name, argv in runs.items():
+        if name not in {chosen[c] for c in args.only}:
+            continue
         result = measure(argv)
         if name != "features --dry-run":
             result["images_per_s"] = round(args.images / result["seconds"], 1)
