@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -109,10 +110,12 @@ def launch(
     num_nodes: int = 1,
     accelerator: str = "auto",
     device: str | None = None,
+    wait: timedelta = timedelta(minutes=30),
 ) -> ProcessGroup:
     """Start ``devices`` processes on this machine (of ``devices x num_nodes`` in all) and
     return this one's group. With one process in all, nothing starts: the group runs on
-    ``device`` (default: :func:`stego.device.resolve_device`)."""
+    ``device`` (default: :func:`stego.device.resolve_device`). ``wait``: how long a process
+    waits for the others at a barrier before failing (Lightning's default: 30 min)."""
     from stego.device import resolve_device
     from stego.errors import StegoError
 
@@ -121,7 +124,9 @@ def launch(
     if devices * num_nodes == 1:
         return ProcessGroup(device=resolve_device(device))
     from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
 
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    ddp = DDPStrategy(timeout=wait)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=ddp)
     fabric.launch()
     return ProcessGroup(fabric.global_rank, fabric.world_size, str(fabric.device), fabric)

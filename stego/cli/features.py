@@ -225,9 +225,10 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def launch_processes(args: argparse.Namespace) -> Any:
+def launch_processes(args: argparse.Namespace, **options: Any) -> Any:
     """This process's :class:`stego.parallel.ProcessGroup` of the command line's processes
-    (``--devices``, ``--num-nodes``, ``--accelerator``; ``--device`` for one process)."""
+    (``--devices``, ``--num-nodes``, ``--accelerator``; ``--device`` for one process);
+    ``options``: more of :func:`stego.parallel.launch`'s."""
     from stego.parallel import launch
 
     return launch(
@@ -235,6 +236,7 @@ def launch_processes(args: argparse.Namespace) -> Any:
         num_nodes=args.num_nodes,
         accelerator=args.accelerator,
         device=args.device,
+        **options,
     )
 
 

@@ -115,10 +115,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
     from stego.segment import default_out_dir, segment_folder
 
     # --devices N: every process extracts and predicts a share; training runs in the first
-    group = launch_processes(args)
+    # while the others wait for it (hours on a CPU for a large folder, not Lightning's 30 min)
+    group = launch_processes(args, wait=timedelta(hours=24))
     five = {"auto": None, "yes": True, "no": False}[args.five_crop]
     summary = segment_folder(
         args.input,
