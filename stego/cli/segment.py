@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     from stego.segment import default_out_dir, segment_folder
 
     # --devices N: every process extracts and predicts a share; training runs in the first
-    # while the others wait for it (hours on a CPU for a large folder, not Lightning's 30 min)
-    group = launch_processes(args, wait=timedelta(hours=24))
+    # while the others wait for it: up to 4 h (a large folder on a CPU), not Lightning's 30 min
+    group = launch_processes(args, wait=timedelta(hours=4))
     five = {"auto": None, "yes": True, "no": False}[args.five_crop]
     summary = segment_folder(
         args.input,
