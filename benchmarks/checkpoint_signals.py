@@ -79,14 +79,14 @@ def folder_features(model: Any, folder: Path, max_side: int) -> tuple[list, list
     Features, not codes (`stego.infer.predict.encode_paths`), so that every checkpoint's head
     reuses one backbone pass."""
     from stego.data.transforms import pad_to_multiple
-    from stego.infer.predict import _network_input, collect_images, read_image_rgb
+    from stego.infer.images import collect_images, network_input, read_image_rgb
     from stego.models.segmenter import PaddedCode
 
     plain, mirrored, padded = [], [], None
     with torch.inference_mode():
         for path, _ in collect_images([folder]):
             image = torch.from_numpy(read_image_rgb(path).copy()).permute(2, 0, 1)[None] / 255.0
-            image = _network_input(image.float(), max_side)
+            image = network_input(image.float(), max_side)
             pad = pad_to_multiple(image, model.patch_size, mode="replicate")
             plain.append(model.backbone(pad.tensor).feat.half())
             mirrored.append(model.backbone(pad.tensor.flip(-1)).feat.half())

@@ -61,9 +61,6 @@ PROBE_FIT_IMAGES = 64
 # measured on folders of 101-367 images (+1.4 mIoU), and on the 4 photos of `stego demo` it
 # merged the cat, the cup and the backgrounds into one cluster that training's fit kept apart.
 FOLDER_FIT_MIN_IMAGES = 64
-# Images of the folder the label-free position check reads (stego.eval.labelfree): a few seconds
-# of backbone time at the training size.
-POSITION_CHECK_IMAGES = 32
 # With labels (`--labels`), clusters found before naming when --clusters is not given: naming
 # works best with more clusters than classes (docs/benchmarks.md, "Naming clusters").
 NAMED_CLUSTERS = 44
@@ -180,11 +177,12 @@ def _folder_model(
     s: SegmentSettings,
     skip_bad: bool,
     progress: bool,
+    with_features: bool = False,
 ) -> tuple[Any, list[Any]]:
     """The trained model, saved to ``out/model``, with its clusters refit to the folder when it
-    holds at least ``FOLDER_FIT_MIN_IMAGES`` images, and the codes of the images it was fit on
-    (none when a model saved there by an interrupted run is reused, which keeps its labels
-    consistent)."""
+    holds at least ``FOLDER_FIT_MIN_IMAGES`` images, and the codes (and backbone features, with
+    ``with_features``) of the images it was fit on (none when a model saved there by an
+    interrupted run is reused, which keeps its labels consistent)."""
     from stego.models.pretrained import load, save_pretrained
 
     saved = out / "model"
@@ -200,7 +198,7 @@ def _folder_model(
     if progress:
         count = min(PROBE_FIT_IMAGES, len(images))
         print(f"fitting the {s.clusters} clusters to the codes of {count} images", flush=True)
-    encoded = _fit_clusters_to_folder(model, images, s, skip_bad)
+    encoded = _fit_clusters_to_folder(model, images, s, skip_bad, with_features)
     n_codes = sum(e.found.code[0, 0].numel() for e in encoded)
     model.meta.extra["cluster_fit"] = {"codes": n_codes, "max_side": s.predict_side}
     save_pretrained(model, saved, train_config=train_config)
@@ -208,7 +206,11 @@ def _folder_model(
 
 
 def _fit_clusters_to_folder(
-    model: Any, images: list[tuple[Path, Path]], s: SegmentSettings, skip_bad: bool
+    model: Any,
+    images: list[tuple[Path, Path]],
+    s: SegmentSettings,
+    skip_bad: bool,
+    with_features: bool = False,
 ) -> list[Any]:
     """Refit the model's cluster centroids by spherical k-means (10 restarts, seeded) on the codes
     that prediction will compute: up to ``PROBE_FIT_IMAGES`` whole images of the folder at the
@@ -228,7 +230,11 @@ def _fit_clusters_to_folder(
     count = min(PROBE_FIT_IMAGES, len(images))
     pick = sorted(rng.choice(len(images), size=count, replace=False).tolist())
     encoded = encode_paths(
-        model, [images[i][0] for i in pick], max_side=s.predict_side, skip_bad=skip_bad
+        model,
+        [images[i][0] for i in pick],
+        max_side=s.predict_side,
+        skip_bad=skip_bad,
+        with_features=with_features,
     )
     if not encoded:
         raise StegoError(
@@ -243,60 +249,47 @@ def _fit_clusters_to_folder(
 def _position_warning(
     model: Any, images: list[tuple[Path, Path]], s: SegmentSettings, progress: bool
 ) -> list[str]:
-    """The label-free position check (:mod:`stego.eval.labelfree`) on the raw features of up to
-    ``POSITION_CHECK_IMAGES`` of the folder's images at the training size (a few seconds); a
-    warning when the folder's segments would follow where things are in the frame rather than
-    what they are."""
-    import torch
+    """:func:`stego.eval.labelfree.position_warning` of the folder, with ``s``'s settings."""
+    from stego.eval.labelfree import position_warning
 
-    from stego.data.transforms import pad_to_multiple
-    from stego.eval.labelfree import check_position
-    from stego.infer.predict import read_image_rgb, resize_for_network
-
-    rng = np.random.default_rng(s.seed)
-    count = min(POSITION_CHECK_IMAGES, len(images))
-    feats = []
-    for i in sorted(rng.choice(len(images), size=count, replace=False).tolist()):
-        try:
-            array = read_image_rgb(images[i][0])
-        except StegoError:
-            continue  # prediction reports unreadable images
-        image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
-        small = pad_to_multiple(resize_for_network(image, s.resolution), model.patch_size)
-        feats.append(model.backbone(small.tensor).feat[0])  # (C, h, w)
-    if len(feats) < 2:
-        return []
-    check = check_position(feats, s.clusters, seed=s.seed)
-    if not check.follows_position:
-        return []
-    message = (
-        f"the segments would follow where things are in the frame more than what they are "
-        f"(label-free check on {check.n_images} images: position dependence {check.plain:.2f}, "
-        f"{check.centred:.2f} without the backbone's position signal). The backbone "
-        f"{s.backbone} carries image position in its features; use real DINO / DINOv2 weights "
-        "(--weights FILE, see the README) for segments by meaning"
+    return position_warning(
+        model,
+        [source for source, _ in images],
+        clusters=s.clusters,
+        resolution=s.resolution,
+        backbone=s.backbone,
+        seed=s.seed,
+        progress=progress,
     )
-    if progress:
-        print(f"WARNING: {message}", flush=True)
-    return [message]
 
 
-def _contact_sheet(out: Path, max_images: int = 24) -> Path | None:
-    """A grid of the first images' overlay thumbnails, as one PNG."""
+def _contact_sheet(
+    out: Path, entries: list[Any] | None = None, max_images: int = 24
+) -> Path | None:
+    """A grid of the first images' overlay thumbnails, as one PNG (with a legend of
+    ``entries``, (name, [r, g, b]), when given)."""
     from stego.viz import contact_sheet, save_png
 
-    sheet = contact_sheet(sorted((out / "overlays").rglob("*.png"))[:max_images])
+    sheet = contact_sheet(
+        sorted((out / "overlays").rglob("*.png"))[:max_images], entries=entries or ()
+    )
     return None if sheet is None else save_png(sheet, out / "contact_sheet.png")
 
 
-def _cluster_sizes(out: Path, clusters: int) -> list[float]:
+def _id_counts(folder: Path, n: int) -> np.ndarray:
+    """(n,) pixels of each id in the id PNGs under ``folder``."""
     from PIL import Image
 
-    counts = np.zeros(clusters, dtype=np.int64)
-    named = (out / "clusters").is_dir()  # named by `stego name`: labels/ hold class ids
-    for path in (out / ("clusters" if named else "labels")).rglob("*.png"):
+    counts = np.zeros(n, dtype=np.int64)
+    for path in folder.rglob("*.png"):
         with Image.open(path) as im:
-            counts += np.bincount(np.asarray(im).ravel(), minlength=clusters)[:clusters]
+            counts += np.bincount(np.asarray(im).ravel(), minlength=n)[:n]
+    return counts
+
+
+def _cluster_sizes(out: Path, clusters: int) -> list[float]:
+    named = (out / "clusters").is_dir()  # named: labels/ hold class ids, clusters/ cluster ids
+    counts = _id_counts(out / ("clusters" if named else "labels"), clusters)
     total = max(int(counts.sum()), 1)
     return [round(float(c) / total, 4) for c in counts]
 
@@ -320,6 +313,7 @@ def segment_folder(
     progress: bool = True,
     verbose: bool = False,
     method: str = "stego",
+    naming: str = "classifier",
 ) -> dict[str, Any]:
     """Segment every image under ``input_dir`` into ``clusters`` kinds; outputs in ``out_dir``.
 
@@ -327,9 +321,13 @@ def segment_folder(
     its default settings; the rest of the run is the same).
 
     ``labels``: a LABELS folder (label PNGs for some of the images, same relative path and
-    stem; ``classes.txt``): the clusters are then named after the labelled pixels' majority
-    class (:func:`stego.naming.name_results`) and ``labels/`` hold class ids; ``clusters``
-    defaults to ``NAMED_CLUSTERS`` then. Without labels, ``clusters`` is required.
+    stem; ``classes.txt``): ``labels/`` then hold class ids (the cluster ids go to
+    ``clusters/``), ``model/classes.json`` the classes, and ``clusters`` defaults to
+    ``NAMED_CLUSTERS``. ``naming`` says how: "classifier" (default) fits a pixel classifier on
+    the labelled pixels' codes and backbone features (:mod:`stego.naming.classifier`) and
+    predicts every image with it; "majority" names each cluster after its labelled pixels'
+    majority class (:func:`stego.naming.name_results`). Without labels, ``clusters`` is
+    required.
 
     ``verbose``: also what the libraries print during training (hidden by default).
     ``resolution`` and ``batch_size`` default to the config's (:class:`stego.config.DataConfig`);
@@ -353,6 +351,8 @@ def segment_folder(
         raise StegoError(f"--clusters must be at least 2, got {clusters}")
     if method not in ("stego", "cause"):
         raise StegoError(f"--method must be stego or cause, got {method!r}")
+    if naming not in ("classifier", "majority"):
+        raise StegoError(f"--naming must be classifier or majority, got {naming!r}")
     images = collect_images([input_dir], exclude=out)
     if len(images) < 2:
         raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
@@ -418,7 +418,16 @@ def segment_folder(
     resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
     if method == "stego":
         s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}
-    model, encoded = _folder_model(out, run, images, s, skip_bad, progress)
+    by_classifier = labels is not None and naming == "classifier"
+    model, encoded = _folder_model(out, run, images, s, skip_bad, progress, by_classifier)
+    if by_classifier:
+        from stego.naming.classifier import name_folder_by_classifier
+
+        if progress:
+            print("fitting the pixel classifier to the labelled images", flush=True)
+        name_folder_by_classifier(
+            model, labels, images, out / "model", max_side=s.predict_side, seed=s.seed
+        )
     warnings = _position_warning(model, images, s, progress)
     timings["train"] = time.perf_counter() - start - sum(timings.values())
     _stage(3, f"predicting {len(images)} images{' with CRF' if crf else ''}", progress)
@@ -431,10 +440,18 @@ def segment_folder(
         progress=progress,
         max_side=s.predict_side,
         encoded=encoded,
-        probe="cluster",
+        probe="class" if by_classifier else "cluster",
+        keep_clusters=by_classifier,  # cluster ids in clusters/, for `stego name` later
     )
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
-    sheet = _contact_sheet(out)
+    classes = model.classes if by_classifier else None
+    entries = None
+    if classes is not None:
+        class_counts = _id_counts(out / "labels", classes.n_classes)
+        entries = [
+            (n, c) for n, c, k in zip(classes.names, classes.colors, class_counts, strict=True) if k
+        ]
+    sheet = _contact_sheet(out, entries)
     summary = {
         "input": str(input_dir),
         "n_images": len(images),
@@ -453,9 +470,13 @@ def segment_folder(
             "contact_sheet": str(sheet) if sheet else None,
         },
     }
+    if classes is not None:
+        from stego.naming.render import named_summary
+
+        summary = named_summary(summary, classes, class_counts, out, out / "model")
     with atomic_write(out / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)
-    if labels is not None:
+    if labels is not None and not by_classifier:
         from stego.naming import name_results
 
         name_results(out, labels=labels, progress=progress)

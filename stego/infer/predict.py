@@ -8,7 +8,10 @@ resolution and writes, under ``out_dir``:
   output), class ids of named clusters (``probe="class"``, the default once the model's
   clusters are named, :mod:`stego.naming`) or of the linear probe (``probe="linear"``, needs
   one), original size;
-- ``overlays/<relative path>.png``: the colour map blended over the image;
+- ``overlays/<relative path>.png``: the colour map blended over the image (class ids: with a
+  legend of the classes in the image below it);
+- ``clusters/<relative path>.png``: the cluster ids as well, from the same backbone pass, with
+  ``keep_clusters`` (``stego segment --labels``);
 - ``clusters.json``: the legend, id -> RGB colour (and class name when known);
 - ``skipped.txt``: unreadable images with the reason (only with ``skip_bad``; empty otherwise).
 
@@ -29,12 +32,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
+from stego.infer.images import (
+    collect_images,
+    inside,
+    network_input,
+    read_image_rgb,
+    resize_for_network,
+)
 from stego.infer.legend import legend
 from stego.parallel import ONE_PROCESS, ProcessGroup
 from stego.viz import overlay
@@ -67,76 +76,6 @@ class PredictSummary:
     @property
     def images_per_second(self) -> float:
         return len(self.written) / self.seconds if self.seconds > 0 else 0.0
-
-
-# ----------------------------------------------------------------------------- reading images
-
-
-def _image_extensions() -> set[str]:
-    Image.init()
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
-def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Any Pillow image as upright RGB uint8 (H, W, 3), via :func:`stego.data.readers.read_image`
-    (16-bit scaled, palette / CMYK converted, alpha dropped, EXIF orientation applied).
-
-    Raises :class:`StegoError` naming the file when it cannot be decoded.
-    """
-    from stego.data.readers import read_image
-
-    return np.array(read_image(path), dtype=np.uint8)  # (H, W, 3)
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def collect_images(
-    inputs: Sequence[str | Path], *, exclude: Path | None = None
-) -> list[tuple[Path, Path]]:
-    """(source, relative output stem) pairs for files and folders (recursive, sorted).
-
-    A folder's images keep their path relative to the folder; with several inputs each one's
-    relative paths start with the input's own name. Files under ``exclude`` (the output folder)
-    are ignored. Two images that would write the same output raise :class:`StegoError`.
-    """
-    if not inputs:
-        raise StegoError("no input images given: pass image files or folders")
-    extensions = _image_extensions()
-    excluded = exclude.resolve() if exclude is not None else None
-    pairs: list[tuple[Path, Path]] = []
-    for entry in map(Path, inputs):
-        prefix = Path(entry.name) if len(inputs) > 1 and entry.is_dir() else Path()
-        if entry.is_file():
-            pairs.append((entry, Path(entry.name)))
-        elif entry.is_dir():
-            found = sorted(
-                p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-            )
-            for path in found:
-                if excluded is not None and excluded in path.resolve().parents:
-                    continue
-                pairs.append((path, prefix / path.relative_to(entry)))
-        else:
-            raise StegoError(f"input {entry} does not exist: pass image files or folders")
-    seen: dict[Path, Path] = {}
-    for source, rel in pairs:
-        stem = rel.with_suffix(".png")
-        if stem in seen:
-            raise StegoError(
-                f"{seen[stem]} and {source} would both write {stem}: rename one or "
-                "predict them in separate runs"
-            )
-        seen[stem] = source
-    return [(source, rel.with_suffix(".png")) for source, rel in pairs]
-
-
-def _inside(out_dir: Path, rel: Path) -> Path:
-    """``out_dir / rel``, refusing absolute paths and ``..`` that would leave ``out_dir``."""
-    target = (out_dir / rel).resolve()
-    if rel.is_absolute() or ".." in rel.parts or out_dir.resolve() not in target.parents:
-        raise StegoError(f"output path {rel} escapes the output folder {out_dir}; rename the input")
-    return out_dir / rel
 
 
 # ----------------------------------------------------------------------------- loading
@@ -203,30 +142,6 @@ def _batches(
 # ----------------------------------------------------------------------------- predicting
 
 
-def _network_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """Size fed to the network: shorter side at most ``max_side`` (aspect kept)."""
-    short = min(height, width)
-    if not max_side or short <= max_side:
-        return height, width
-    scale = max_side / short
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _network_input(images: Tensor, max_side: int | None) -> Tensor:
-    """Images (B, 3, H, W) resized (antialiased) to :func:`_network_size`, or as they are."""
-    height, width = images.shape[-2:]
-    small = _network_size(height, width, max_side)
-    if small == (height, width):
-        return images
-    return F.interpolate(images, size=small, mode="bilinear", align_corners=False, antialias=True)
-
-
-def resize_for_network(images: Tensor, max_side: int | None) -> Tensor:
-    """Images (B, 3, H, W) as prediction feeds them to the network: shorter side at most
-    ``max_side`` (antialiased bilinear), aspect kept; not yet padded to the patch size."""
-    return _network_input(images, max_side)
-
-
 class EncodedImage(NamedTuple):
     """One image's codes as prediction computes them (:func:`encode_paths`)."""
 
@@ -244,15 +159,19 @@ def encode_paths(
     flip: bool = True,
     device: str | torch.device = "cpu",
     skip_bad: bool = False,
+    with_features: bool | None = None,
 ) -> list[EncodedImage]:
     """The codes :func:`predict_paths` computes for these images before the probes (same network
     size, padding and flip average), one entry per readable image; pass them back to
     :func:`predict_paths` (``encoded``) to label those images without a second backbone pass.
+    ``with_features``: keep the backbone features too (None: when the model's classes need
+    them, :attr:`stego.models.segmenter.Segmenter.needs_features`).
 
     An unreadable image raises :class:`StegoError` naming the file, or is left out with
     ``skip_bad``.
     """
     model = model.to(device).eval()
+    features = model.needs_features if with_features is None else with_features
     found = []
     for path in map(Path, paths):
         try:
@@ -263,30 +182,36 @@ def encode_paths(
             raise
         image = torch.from_numpy(array).to(device).permute(2, 0, 1)[None].float() / 255.0
         with torch.inference_mode():
-            codes = model.encode_any(_network_input(image, max_side), flip=flip)
+            codes = model.encode_any(
+                network_input(image, max_side), flip=flip, with_features=features
+            )
         found.append(EncodedImage(path, (array.shape[0], array.shape[1]), codes))
     return found
 
 
 def _maps(
-    model: Any, images: Tensor, *, flip: bool, probe: str, max_side: int | None, crf: bool
-) -> Tensor:
-    """For images (B, 3, H, W) in [0, 1], at their own size: log-probabilities (B, K, H, W) when
-    the CRF needs them, else ids (B, H, W) (the same argmax, computed more cheaply)."""
+    model: Any,
+    images: Tensor,
+    *,
+    flip: bool,
+    probes: tuple[str, ...],
+    max_side: int | None,
+    crf: bool,
+) -> list[Tensor]:
+    """For images (B, 3, H, W) in [0, 1], at their own size, one map per probe, all from one
+    backbone pass: log-probabilities (B, K, H, W) when the CRF needs them, else ids (B, H, W)
+    (the same argmax, computed more cheaply)."""
     height, width = images.shape[-2:]
-    net_in = _network_input(images, max_side)
+    net_in = network_input(images, max_side)
     if not crf:
-        return model.predict(net_in, flip=flip, size=(height, width), probe=probe)
+        ids = model.predict_probes(net_in, flip=flip, size=(height, width), probes=probes)
+        return [ids[p] for p in probes]
     out = model(net_in, flip=flip, size=(height, width))
-    if probe == "class":
-        return model.classes.merge_log_probs(out.cluster_log_probs)
-    if probe == "linear":
-        if out.linear_log_probs is None:
-            raise StegoError(
-                "probe='linear' needs a model with a linear probe; use probe='cluster'"
-            )
-        return out.linear_log_probs
-    return out.cluster_log_probs
+    maps = {"class": out.class_log_probs, "linear": out.linear_log_probs}
+    maps["cluster"] = out.cluster_log_probs
+    if "linear" in probes and out.linear_log_probs is None:
+        raise StegoError("probe='linear' needs a model with a linear probe; use probe='cluster'")
+    return [maps[p] for p in probes]
 
 
 def _refine(
@@ -303,28 +228,42 @@ def _refine(
     return [q.argmax(0) for q in refined]
 
 
-def _write_outputs(
-    out_dir: Path,
-    rel: Path,
-    image: np.ndarray,
-    labels: np.ndarray,
-    colours: np.ndarray,
-    alpha: float = 0.5,
-) -> None:
-    """Write labels/<rel> (uint8 ids, uint16 above 255 ids) and overlays/<rel> atomically."""
-    label_img = Image.fromarray(
-        labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
-    )
-    blended = overlay(image, labels, colours, alpha)
-    # zlib level 1: the photo-like overlay encodes 3x faster (18 vs 58 ms at 480x360) for 6%
-    # more bytes; at the default level its encoding cost a quarter of a no-CRF prediction.
-    for sub, picture in (("overlays", Image.fromarray(blended)), ("labels", label_img)):
-        with atomic_write(_inside(out_dir, Path(sub) / rel)) as handle:
-            picture.save(handle, format="PNG", compress_level=1)
+def _id_png(ids: np.ndarray) -> Image.Image:
+    """(H, W) ids as a PNG image: uint8, uint16 above 255 ids."""
+    return Image.fromarray(ids.astype(np.uint8 if ids.max(initial=0) < 256 else np.uint16))
 
 
-def _done(out_dir: Path, rel: Path) -> bool:
-    return all(_inside(out_dir, Path(sub) / rel).is_file() for sub in ("labels", "overlays"))
+@dataclass
+class _Outputs:
+    """How every image's outputs are written."""
+
+    out_dir: Path
+    probes: tuple[str, ...]  # labels/ from the first; clusters/ from a second ("cluster")
+    colours: np.ndarray  # (n_ids, 3) uint8 of the first probe's ids
+    names: list[str] | None = None  # class names: overlays get a legend of those shown
+    alpha: float = 0.5
+
+    def subs(self) -> tuple[str, ...]:
+        return ("labels", "overlays", "clusters")[: 1 + len(self.probes)]
+
+    def done(self, rel: Path) -> bool:
+        return all(inside(self.out_dir, Path(sub) / rel).is_file() for sub in self.subs())
+
+    def write(self, rel: Path, image: np.ndarray, ids: list[np.ndarray]) -> None:
+        """labels/<rel>, overlays/<rel> (and clusters/<rel>) of one image, each atomically;
+        ``ids``: (H, W) per probe."""
+        from stego.viz import with_legend
+
+        blended = overlay(image, ids[0], self.colours, self.alpha)
+        if self.names is not None:
+            shown = np.flatnonzero(np.bincount(ids[0].ravel(), minlength=len(self.names)))
+            blended = with_legend(blended, [(self.names[k], self.colours[k]) for k in shown])
+        pictures = [Image.fromarray(blended), _id_png(ids[0])] + [_id_png(i) for i in ids[1:]]
+        # zlib level 1: the photo-like overlay encodes 3x faster (18 vs 58 ms at 480x360) for
+        # 6% more bytes; at the default level its encoding cost a quarter of a no-CRF prediction.
+        for sub, picture in zip(("overlays", "labels", "clusters"), pictures, strict=False):
+            with atomic_write(inside(self.out_dir, Path(sub) / rel)) as handle:
+                picture.save(handle, format="PNG", compress_level=1)
 
 
 def predict_paths(
@@ -344,6 +283,7 @@ def predict_paths(
     num_workers: int = 2,
     encoded: Sequence[EncodedImage] = (),
     group: ProcessGroup = ONE_PROCESS,
+    keep_clusters: bool = False,
 ) -> PredictSummary:
     """Predict every image of ``inputs`` (files / folders) into ``out_dir`` (see module doc).
 
@@ -355,32 +295,41 @@ def predict_paths(
     images are labelled from them without the backbone (without CRF only). Bad images
     raise :class:`StegoError` naming the file, or with ``skip_bad`` are listed in the summary
     and ``skipped.txt``; existing outputs are kept. ``group``: processes sharing the work.
+    ``keep_clusters`` (``probe="class"`` only): write the cluster ids to ``clusters/`` as well,
+    from the same backbone pass (and the same CRF, which then runs twice).
     """
     probe = probe or model.default_probe()
     if probe not in ("class", "cluster", "linear"):
         raise StegoError(f"unknown probe {probe!r}; valid: class, cluster, linear")
     if probe == "class" and model.classes is None:
         raise StegoError("probe='class' needs named clusters (stego name); use probe='cluster'")
+    if keep_clusters and probe != "class":
+        raise StegoError("keep_clusters writes the cluster ids beside class ids: probe='class'")
     if batch_size < 1:
         raise StegoError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
     start = time.perf_counter()
     items = collect_images(inputs, exclude=out_dir)
     summary = PredictSummary(out_dir=out_dir)
+    entries = legend(model, probe)
+    outputs = _Outputs(
+        out_dir,
+        (probe, "cluster") if keep_clusters else (probe,),
+        np.array([e["color"] for e in entries], dtype=np.uint8).reshape(-1, 3),
+        names=list(model.classes.names) if probe == "class" else None,
+    )
     todo = []
     for source, rel in items:
-        (summary.existing.append(source) if _done(out_dir, rel) else todo.append((source, rel)))
+        (summary.existing.append(source) if outputs.done(rel) else todo.append((source, rel)))
     todo = group.stretch(todo, batch_size)  # whole batches each
-    entries = legend(model, probe)
-    colours = np.array([e["color"] for e in entries], dtype=np.uint8).reshape(-1, 3)
     with atomic_write(out_dir / "clusters.json", "w") as handle:
         json.dump({"probe": probe, "ids": entries}, handle, indent=2)
     model = model.to(device).eval()
     total = len(todo)
     if encoded and not crf:
-        todo = _write_encoded(model, encoded, todo, summary, colours, probe)
+        todo = _write_encoded(model, encoded, todo, summary, outputs)
     # CRF inputs wait here until enough images gather to keep every worker busy (bounded memory)
-    crf_queue: list[tuple[int, np.ndarray, Tensor]] = []
+    crf_queue: list[tuple[int, np.ndarray, list[Tensor]]] = []
     crf_chunk = max(batch_size, 2 * (crf_workers or 1))
     for batch in _batches(_loader(todo, num_workers), batch_size):
         ready = _predict_batch(
@@ -391,21 +340,21 @@ def predict_paths(
             flip=flip,
             device=device,
             skip_bad=skip_bad,
-            probe=probe,
+            probes=outputs.probes,
             max_side=max_side,
             crf=crf,
         )
         if crf:
             crf_queue.extend(ready)
             if len(crf_queue) >= crf_chunk:
-                _finish(summary, todo, crf_queue, colours, crf=True, crf_workers=crf_workers)
+                _finish(summary, todo, crf_queue, outputs, crf=True, crf_workers=crf_workers)
                 crf_queue = []
         else:
-            _finish(summary, todo, ready, colours, crf=False, crf_workers=crf_workers)
+            _finish(summary, todo, ready, outputs, crf=False, crf_workers=crf_workers)
         if progress:
             done = len(summary.written) + len(summary.skipped)
             print(f"\rpredict: {done}/{total} images", end="", file=sys.stderr, flush=True)
-    _finish(summary, todo, crf_queue, colours, crf=crf, crf_workers=crf_workers)
+    _finish(summary, todo, crf_queue, outputs, crf=crf, crf_workers=crf_workers)
     if progress and todo:
         print(file=sys.stderr)
     summary.written, summary.skipped = group.concat(summary.written), group.concat(summary.skipped)
@@ -421,8 +370,7 @@ def _write_encoded(
     encoded: Sequence[EncodedImage],
     todo: list[tuple[Path, Path]],
     summary: PredictSummary,
-    colours: np.ndarray,
-    probe: str,
+    outputs: _Outputs,
 ) -> list[tuple[Path, Path]]:
     """Write the ``todo`` images that have codes in ``encoded``; returns the rest of ``todo``."""
     by_path = {Path(e.path): e for e in encoded}
@@ -432,8 +380,11 @@ def _write_encoded(
         if entry is None:
             rest.append((source, rel))
             continue
-        ids = model.ids_from_code(entry.found, size=entry.size, probe=probe)[0]  # (H, W)
-        _write_outputs(summary.out_dir, rel, read_image_rgb(source), ids.cpu().numpy(), colours)
+        ids = [  # (H, W) each
+            model.ids_from_code(entry.found, size=entry.size, probe=p)[0].cpu().numpy()
+            for p in outputs.probes
+        ]
+        outputs.write(rel, read_image_rgb(source), ids)
         summary.written.append(source)
     return rest
 
@@ -447,12 +398,13 @@ def _predict_batch(
     flip: bool,
     device: str | torch.device,
     skip_bad: bool,
-    probe: str,
+    probes: tuple[str, ...],
     max_side: int | None,
     crf: bool,
-) -> list[tuple[int, np.ndarray, Tensor]]:
-    """One batch of same-size images: [(index, image (H, W, 3) uint8, log_probs (K, H, W) for
-    the CRF or ids (H, W), on the CPU)]; an unreadable image raises or is recorded as skipped."""
+) -> list[tuple[int, np.ndarray, list[Tensor]]]:
+    """One batch of same-size images: [(index, image (H, W, 3) uint8, per probe log_probs
+    (K, H, W) for the CRF or ids (H, W), on the CPU)]; an unreadable image raises or is
+    recorded as skipped."""
     index, first, reason = batch[0]
     if first is None:
         if not skip_bad:
@@ -462,26 +414,33 @@ def _predict_batch(
     arrays = np.stack([item[1] for item in batch])  # (B, H, W, 3) uint8
     images = torch.from_numpy(arrays).to(device).permute(0, 3, 1, 2).float() / 255.0
     with torch.inference_mode():
-        maps = _maps(model, images, flip=flip, probe=probe, max_side=max_side, crf=crf).cpu()
-    return [(item[0], array, m) for item, array, m in zip(batch, arrays, maps, strict=True)]
+        maps = _maps(model, images, flip=flip, probes=probes, max_side=max_side, crf=crf)
+    return [
+        (item[0], array, [m[b].cpu() for m in maps])
+        for b, (item, array) in enumerate(zip(batch, arrays, strict=True))
+    ]
 
 
 def _finish(
     summary: PredictSummary,
     todo: list[tuple[Path, Path]],
-    ready: list[tuple[int, np.ndarray, Tensor]],
-    colours: np.ndarray,
+    ready: list[tuple[int, np.ndarray, list[Tensor]]],
+    outputs: _Outputs,
     *,
     crf: bool,
     crf_workers: int | None,
 ) -> None:
-    """Turn log-probabilities into labels (argmax, or CRF then argmax) and write the outputs."""
+    """Turn log-probabilities into ids (argmax, or CRF then argmax) and write the outputs."""
     if not ready:
         return
-    if crf:
-        labels = _refine([r[1] for r in ready], [r[2] for r in ready], crf_workers)
-    else:
-        labels = [r[2].numpy() for r in ready]  # ids already
-    for (index, image, _), label in zip(ready, labels, strict=True):
-        _write_outputs(summary.out_dir, todo[index][1], image, label, colours)
+    images = [r[1] for r in ready]
+    if crf:  # each probe's maps refined on their own: (H, W) ids per image, per probe
+        per_probe = [
+            _refine(images, [r[2][j] for r in ready], crf_workers)
+            for j in range(len(outputs.probes))
+        ]
+    else:  # ids already
+        per_probe = [[r[2][j].numpy() for r in ready] for j in range(len(outputs.probes))]
+    for i, (index, image, _) in enumerate(ready):
+        outputs.write(todo[index][1], image, [ids[i] for ids in per_probe])
         summary.written.append(todo[index][0])

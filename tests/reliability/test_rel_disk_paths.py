@@ -195,10 +195,10 @@ def test_journal_path_escape_is_not_trusted(tmp_path, helpers) -> None:
 
 @pytest.mark.parametrize("rel", ["../escape.png", "a/../../escape.png", "/tmp/escape.png"])
 def test_prediction_output_path_stays_inside(tmp_path, rel) -> None:
-    from stego.infer.predict import _inside
+    from stego.infer.images import inside
 
     with pytest.raises(StegoError, match="escapes the output folder"):
-        _inside(tmp_path / "out", Path(rel))
+        inside(tmp_path / "out", Path(rel))
 
 
 def test_prediction_symlinked_output_subfolder_refused(tmp_path, helpers, segmenter) -> None:
