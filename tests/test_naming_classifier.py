@@ -218,3 +218,22 @@ def test_write_class_map_replaces_an_old_classifier(by_classifier: Path, tmp_pat
     write_class_map(model_dir, ClassMap(cmap.names, cmap.colors, cmap.mapping, {"method": "hand"}))
     assert not (model_dir / CLASSIFIER_FILE).exists()
     assert read_class_map(model_dir).classifier is None
+
+
+def test_exports_read_the_classifier_classes(by_classifier: Path, tmp_path: Path) -> None:
+    """`stego export` gives the class ids the classifier wrote, not the clusters' majority."""
+    import csv
+
+    from stego.export import export_results
+    from stego.results import open_results
+
+    opened = open_results(by_classifier)
+    for i, rel in enumerate(opened.rels):
+        assert np.array_equal(opened.class_ids(i), _read(by_classifier / "labels" / rel))
+    (table, _) = export_results(by_classifier, "areas", tmp_path / "areas.csv", progress=False)
+    rows = list(csv.reader(table.open()))
+    by_name = {row[0]: row for row in rows[1:]}
+    for i, rel in enumerate(opened.rels):
+        classes = _read(by_classifier / "labels" / rel)
+        row = by_name[opened.image_name(i)]
+        assert abs(float(row[3]) - (classes == 0).mean()) < 1e-5  # the share of "red"
