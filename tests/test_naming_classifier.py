@@ -135,6 +135,25 @@ def test_saved_model_predicts_the_written_classes(by_classifier: Path) -> None:
     assert torch.allclose(out.class_log_probs.exp().sum(1), torch.ones(1, 40, 56), atol=1e-4)
 
 
+def test_crf_refines_the_classifier_classes(by_classifier: Path, tmp_path: Path) -> None:
+    """`--crf` with a classifier: class ids and cluster ids, each refined, from one pass."""
+    pytest.importorskip("pydensecrf")
+    import stego
+    from stego.infer.predict import predict_paths
+
+    model = stego.load(by_classifier / "model")
+    images = Path(json.loads((by_classifier / "summary.json").read_text())["input"])
+    out = tmp_path / "crf"
+    predict_paths(model, [images], out, crf=True, keep_clusters=True, progress=False, num_workers=0)
+    assert _rels(out / "labels") == _rels(out / "clusters") == _rels(by_classifier / "labels")
+    for rel in _rels(out / "labels"):
+        classes = _read(out / "labels" / rel)
+        assert (classes[:, :28] == 0).mean() > 0.95 and (classes[:, 36:] == 1).mean() > 0.95
+        assert _read(out / "clusters" / rel).max() < 3
+    overlay = _read(out / "overlays" / next(iter(_rels(out / "labels"))))
+    assert overlay.shape[0] > 48  # the legend of the classes below the image
+
+
 def test_class_map_with_classifier_round_trips(by_classifier: Path, tmp_path: Path) -> None:
     import stego
 
