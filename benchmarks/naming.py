@@ -382,19 +382,22 @@ def time_naming(data_root: Path, work: Path, k: int = 44, n: int = 10) -> dict:
 
 
 def table(path: str) -> str:
-    """Markdown table of a results file: mean mIoU (min-max over draws) per fold, method, K, N."""
+    """Markdown table of a results file: mean mIoU (min-max over draws) per fold, method, K, N;
+    with several folds also their mean (the mean of the folds' means) per method, K, N, and
+    the label-free and all-labels baselines averaged the same way."""
     import json
     from collections import defaultdict
 
     cells: dict[tuple, list[float]] = defaultdict(list)
-    lines = []
+    baselines: dict[str, dict[str, float]] = defaultdict(dict)
     for record in map(json.loads, open(path)):
         if "labelled" in record:
             key = (record["fold"], record["method"], record["clusters"], record["labelled"])
             cells[key].append(record["miou"])
         elif "miou" in record:
-            lines.append(f"- {record['fold']}: {record['method']} {record['miou']}")
+            baselines[record["method"]][record["fold"]] = record["miou"]
     ns = sorted({k[3] for k in cells})
+    folds = sorted({k[0] for k in cells})
     rows = [f"| fold | method | K | {' | '.join(f'N = {n}' for n in ns)} |"]
     rows.append("|---" * (3 + len(ns)) + "|")
     for fold, method, k in sorted({k[:3] for k in cells}):
@@ -403,6 +406,20 @@ def table(path: str) -> str:
             v = cells.get((fold, method, k, n), [])
             values.append(f"{np.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else "-")
         rows.append(f"| {fold} | {method} | {k} | {' | '.join(values)} |")
+    if len(folds) > 1:
+        for method, k in sorted({k[1:3] for k in cells}):
+            values = []
+            for n in ns:
+                means = [
+                    np.mean(cells[(f, method, k, n)]) for f in folds if (f, method, k, n) in cells
+                ]
+                values.append(f"{np.mean(means):.1f}" if len(means) == len(folds) else "-")
+            rows.append(f"| mean of {len(folds)} | {method} | {k} | {' | '.join(values)} |")
+    lines = []
+    for method, by_fold in sorted(baselines.items()):
+        text = ", ".join(f"{f} {v}" for f, v in sorted(by_fold.items()))
+        mean = f"; mean {np.mean(list(by_fold.values())):.2f}" if len(by_fold) > 1 else ""
+        lines.append(f"- {method}: {text}{mean}")
     return "\n".join(rows + [""] + lines)
 
 
