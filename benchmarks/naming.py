@@ -12,7 +12,12 @@ images (mIoU over the classes present there, void ignored). Methods:
   clusters without labelled pixels take the class of the nearest labelled centroid;
 - ``probe``: a linear classifier (multinomial logistic regression) fit on the labelled pixels'
   codes (the linear probe's machinery with few labels);
-- ``probe-feat``: the same on the codes and the backbone features together.
+- ``probe-feat``: the same on the codes and the backbone features together;
+- ``stego``: what ``stego segment --labels`` does, through the library: the classifier fit by
+  :func:`stego.naming.classifier.fit_classifier_map` on the labelled images' files (their codes
+  and features computed again, as prediction computes them), the other images' class ids by
+  ``Segmenter.ids_from_code`` from the cached codes and features (``probe-feat``'s method, with
+  the library's own pixel sampling: a check that what is built scores what was measured).
 
 Beside them: ``hungarian`` (label-free: K=11 clusters matched to classes over the folder) and
 ``all-labels probe`` (the same linear classifier trained on the labelled images of the other
@@ -193,24 +198,13 @@ def inputs_of(entry: dict, key: str) -> torch.Tensor:
     return torch.cat([code, F.normalize(entry["feat"].float(), dim=0)])
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, decay: float = 1e-4) -> torch.nn.Linear:
-    """Multinomial logistic regression on (P, D) -> classes, by L-BFGS; classes without
-    samples get a bias of -inf-ish so they are never predicted."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(x.shape[1], N_CLASSES)
-    optimizer = torch.optim.LBFGS(layer.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+def fit_probe(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Linear:
+    """Multinomial logistic regression on (P, D) -> classes, by L-BFGS (the library's
+    :func:`stego.models.pixel_classifier.fit_pixel_classifier`); classes without samples get a
+    bias of -1e4 so they are never predicted."""
+    from stego.models.pixel_classifier import fit_pixel_classifier
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(layer(x), y) + decay * layer.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        absent = torch.bincount(y, minlength=N_CLASSES) == 0
-        layer.bias[absent] = -1e4
-    return layer
+    return fit_pixel_classifier(x, y, code_dim=x.shape[1], n_classes=N_CLASSES).linear
 
 
 @torch.no_grad()
@@ -250,7 +244,9 @@ def fold_records(args: Any, prefix: str, seed: int) -> list[dict]:
                 rng = np.random.default_rng(1000 * draw + n)
                 chosen = set(rng.choice(len(paths), size=n, replace=False).tolist())
                 records += score_draw(codes, labels, clusters, centroids, chosen, rng, args.methods)
-                for r in records[-len(args.methods) :]:
+                if "stego" in args.methods:
+                    records.append(library_draw(model, paths, data_root, codes, labels, chosen))
+                for r in records[-len(args.methods) :]:  # "stego" last, as appended
                     r.update({**base, "clusters": k, "labelled": n, "draw": draw})
                     emit(r, args.out)
     if args.baselines:
@@ -300,7 +296,7 @@ def score_draw(codes, labels, clusters, centroids, chosen, rng, methods) -> list
     picked = sorted(chosen)
     targets = [labels[i] for i in rest]
     records = []
-    for method in methods:
+    for method in (m for m in methods if m != "stego"):
         if method == "majority":
             mapping = majority(
                 [clusters[i] for i in picked], [labels[i] for i in picked], centroids
@@ -315,6 +311,42 @@ def score_draw(codes, labels, clusters, centroids, chosen, rng, methods) -> list
             {"method": method, "miou": miou_present(preds, targets), "classes_shown": len(shown)}
         )
     return records
+
+
+def library_draw(model, paths, data_root, codes, labels, chosen) -> dict:
+    """``stego segment --labels``'s classifier, fit by the library on the chosen images' files,
+    scored on the others from their cached codes and features."""
+    from stego.models.segmenter import PaddedCode
+    from stego.naming.classifier import fit_classifier_map
+    from stego.naming.labels import LabelSet
+    from stego.naming.names import read_classes_txt
+    from stego.segment import PREDICT_SCALE
+
+    picked = sorted(chosen)
+    label_set = LabelSet(
+        root=data_root / "labels" / "train",
+        names=read_classes_txt(data_root / "classes.txt"),
+        files={Path(f"{paths[i].stem}.png"): data_root / "labels" / "train" / f"{paths[i].stem}.png"
+               for i in picked},
+    )  # fmt: skip
+    sources = {Path(f"{paths[i].stem}.png"): paths[i] for i in picked}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes the draw does not show
+        side = PREDICT_SCALE * model.meta.resolution  # as `stego segment` predicts
+        class_map = fit_classifier_map(model, label_set, sources, max_side=side)
+    model.set_classes(class_map)
+    rest = [i for i in range(len(codes)) if i not in chosen]
+    preds = []
+    for i in rest:
+        e = codes[i]
+        found = PaddedCode(e["code"][None], e["padded"], e["own"], e["feat"][None].float())
+        preds.append(model.ids_from_code(found, probe="class")[0].numpy())
+    model.set_classes(None)
+    shown = len(class_map.names) - len(class_map.fit["unnamed_classes"])
+    return {"method": "stego", "miou": miou_present(preds, [labels[i] for i in rest]),
+            "classes_shown": shown}  # fmt: skip
 
 
 def time_naming(data_root: Path, work: Path, k: int = 44, n: int = 10) -> dict:
@@ -351,19 +383,22 @@ def time_naming(data_root: Path, work: Path, k: int = 44, n: int = 10) -> dict:
 
 
 def table(path: str) -> str:
-    """Markdown table of a results file: mean mIoU (min-max over draws) per fold, method, K, N."""
+    """Markdown table of a results file: mean mIoU (min-max over draws) per fold, method, K, N;
+    with several folds also their mean (the mean of the folds' means) per method, K, N, and
+    the label-free and all-labels baselines averaged the same way."""
     import json
     from collections import defaultdict
 
     cells: dict[tuple, list[float]] = defaultdict(list)
-    lines = []
+    baselines: dict[str, dict[str, float]] = defaultdict(dict)
     for record in map(json.loads, open(path)):
         if "labelled" in record:
             key = (record["fold"], record["method"], record["clusters"], record["labelled"])
             cells[key].append(record["miou"])
         elif "miou" in record:
-            lines.append(f"- {record['fold']}: {record['method']} {record['miou']}")
+            baselines[record["method"]][record["fold"]] = record["miou"]
     ns = sorted({k[3] for k in cells})
+    folds = sorted({k[0] for k in cells})
     rows = [f"| fold | method | K | {' | '.join(f'N = {n}' for n in ns)} |"]
     rows.append("|---" * (3 + len(ns)) + "|")
     for fold, method, k in sorted({k[:3] for k in cells}):
@@ -372,6 +407,20 @@ def table(path: str) -> str:
             v = cells.get((fold, method, k, n), [])
             values.append(f"{np.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else "-")
         rows.append(f"| {fold} | {method} | {k} | {' | '.join(values)} |")
+    if len(folds) > 1:
+        for method, k in sorted({k[1:3] for k in cells}):
+            values = []
+            for n in ns:
+                means = [
+                    np.mean(cells[(f, method, k, n)]) for f in folds if (f, method, k, n) in cells
+                ]
+                values.append(f"{np.mean(means):.1f}" if len(means) == len(folds) else "-")
+            rows.append(f"| mean of {len(folds)} | {method} | {k} | {' | '.join(values)} |")
+    lines = []
+    for method, by_fold in sorted(baselines.items()):
+        text = ", ".join(f"{f} {v}" for f, v in sorted(by_fold.items()))
+        mean = f"; mean {np.mean(list(by_fold.values())):.2f}" if len(by_fold) > 1 else ""
+        lines.append(f"- {method}: {text}{mean}")
     return "\n".join(rows + [""] + lines)
 
 
@@ -389,7 +438,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--methods", nargs="+", default=["majority", "probe", "probe-feat"],
-        choices=["majority", "probe", "probe-feat"],
+        choices=["majority", "probe", "probe-feat", "stego"],
     )  # fmt: skip
     parser.add_argument(
         "--no-baselines",

@@ -30,7 +30,6 @@ PROBE_FIT_IMAGES = 64
 FOLDER_FIT_MIN_IMAGES = 64
 # Images of the folder the label-free position check reads (stego.eval.labelfree): a few seconds
 # of backbone time at the training size.
-POSITION_CHECK_IMAGES = 32
 
 
 @dataclass
@@ -74,11 +73,12 @@ def _folder_model(
     s: SegmentSettings,
     skip_bad: bool,
     progress: bool,
+    with_features: bool = False,
 ) -> tuple[Any, list[Any]]:
     """The trained model, saved to ``out/model``, with its clusters refit to the folder when it
-    holds at least ``FOLDER_FIT_MIN_IMAGES`` images, and the codes of the images it was fit on
-    (none when a model saved there by an interrupted run is reused, which keeps its labels
-    consistent)."""
+    holds at least ``FOLDER_FIT_MIN_IMAGES`` images, and the codes (and backbone features, with
+    ``with_features``) of the images it was fit on (none when a model saved there by an
+    interrupted run is reused, which keeps its labels consistent)."""
     from stego.models.pretrained import load, save_pretrained
 
     saved = out / "model"
@@ -94,7 +94,7 @@ def _folder_model(
     if progress:
         count = min(PROBE_FIT_IMAGES, len(images))
         print(f"fitting the {s.clusters} clusters to the codes of {count} images", flush=True)
-    encoded = _fit_clusters_to_folder(model, images, s, skip_bad)
+    encoded = _fit_clusters_to_folder(model, images, s, skip_bad, with_features)
     n_codes = sum(e.found.code[0, 0].numel() for e in encoded)
     model.meta.extra["cluster_fit"] = {"codes": n_codes, "max_side": s.predict_side}
     save_pretrained(model, saved, train_config=train_config)
@@ -102,7 +102,11 @@ def _folder_model(
 
 
 def _fit_clusters_to_folder(
-    model: Any, images: list[tuple[Path, Path]], s: SegmentSettings, skip_bad: bool
+    model: Any,
+    images: list[tuple[Path, Path]],
+    s: SegmentSettings,
+    skip_bad: bool,
+    with_features: bool = False,
 ) -> list[Any]:
     """Refit the model's cluster centroids by spherical k-means (10 restarts, seeded) on the codes
     that prediction will compute: up to ``PROBE_FIT_IMAGES`` whole images of the folder at the
@@ -122,7 +126,11 @@ def _fit_clusters_to_folder(
     count = min(PROBE_FIT_IMAGES, len(images))
     pick = sorted(rng.choice(len(images), size=count, replace=False).tolist())
     encoded = encode_paths(
-        model, [images[i][0] for i in pick], max_side=s.predict_side, skip_bad=skip_bad
+        model,
+        [images[i][0] for i in pick],
+        max_side=s.predict_side,
+        skip_bad=skip_bad,
+        with_features=with_features,
     )
     if not encoded:
         raise StegoError(
@@ -137,42 +145,18 @@ def _fit_clusters_to_folder(
 def _position_warning(
     model: Any, images: list[tuple[Path, Path]], s: SegmentSettings, progress: bool
 ) -> list[str]:
-    """The label-free position check (:mod:`stego.eval.labelfree`) on the raw features of up to
-    ``POSITION_CHECK_IMAGES`` of the folder's images at the training size (a few seconds); a
-    warning when the folder's segments would follow where things are in the frame rather than
-    what they are."""
-    import torch
+    """:func:`stego.eval.labelfree.position_warning` of the folder, with ``s``'s settings."""
+    from stego.eval.labelfree import position_warning
 
-    from stego.data.transforms import pad_to_multiple
-    from stego.eval.labelfree import check_position
-    from stego.infer.predict import read_image_rgb, resize_for_network
-
-    rng = np.random.default_rng(s.seed)
-    count = min(POSITION_CHECK_IMAGES, len(images))
-    feats = []
-    for i in sorted(rng.choice(len(images), size=count, replace=False).tolist()):
-        try:
-            array = read_image_rgb(images[i][0])
-        except StegoError:
-            continue  # prediction reports unreadable images
-        image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
-        small = pad_to_multiple(resize_for_network(image, s.resolution), model.patch_size)
-        feats.append(model.backbone(small.tensor).feat[0])  # (C, h, w)
-    if len(feats) < 2:
-        return []
-    check = check_position(feats, s.clusters, seed=s.seed)
-    if not check.follows_position:
-        return []
-    message = (
-        f"the segments would follow where things are in the frame more than what they are "
-        f"(label-free check on {check.n_images} images: position dependence {check.plain:.2f}, "
-        f"{check.centred:.2f} without the backbone's position signal). The backbone "
-        f"{s.backbone} carries image position in its features; use real DINO / DINOv2 weights "
-        "(--weights FILE, see the README) for segments by meaning"
+    return position_warning(
+        model,
+        [source for source, _ in images],
+        clusters=s.clusters,
+        resolution=s.resolution,
+        backbone=s.backbone,
+        seed=s.seed,
+        progress=progress,
     )
-    if progress:
-        print(f"WARNING: {message}", flush=True)
-    return [message]
 
 
 def share_features(config: Any, group: ProcessGroup, progress: bool) -> None:
@@ -202,9 +186,12 @@ def train_model(
     skip_bad: bool,
     progress: bool,
     verbose: bool = False,
+    classifier_labels: Path | None = None,
 ) -> tuple[Any, list[Any], list[str]]:
     """Train (or reuse a finished or interrupted training in ``out/work/run``), fit the clusters
-    to the folder and run the position check: (model, codes of the fit's images, warnings)."""
+    to the folder, with ``classifier_labels`` (a LABELS folder) name them by a pixel classifier
+    fit on the labelled pixels (:mod:`stego.naming.classifier`), and run the position check:
+    (model, codes (and features) of the cluster fit's images, warnings)."""
     from stego.losses import SHIFT_KEYS
     from stego.train.trainer import train
 
@@ -220,10 +207,23 @@ def train_model(
     resolved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
     if s.method == "stego":
         s.shifts = {term: round(float(resolved[key]), 4) for term, key in SHIFT_KEYS.items()}
-    model, encoded = _folder_model(out, run, images, s, skip_bad, progress)
+    by_classifier = classifier_labels is not None
+    model, encoded = _folder_model(out, run, images, s, skip_bad, progress, by_classifier)
+    if classifier_labels is not None:
+        from stego.naming.classifier import name_folder_by_classifier
+
+        if progress:
+            print("fitting the pixel classifier to the labelled images", flush=True)
+        name_folder_by_classifier(
+            model, classifier_labels, images, out / "model", max_side=s.predict_side, seed=s.seed
+        )
     return model, encoded, _position_warning(model, images, s, progress)
 
 
 def on_cpu(encoded: list[Any]) -> list[Any]:
     """Codes moved to the CPU, to be sent to the other processes."""
-    return [e._replace(found=e.found._replace(code=e.found.code.cpu())) for e in encoded]
+    def cpu(found: Any) -> Any:
+        feat = None if found.feat is None else found.feat.cpu()
+        return found._replace(code=found.code.cpu(), feat=feat)
+
+    return [e._replace(found=cpu(e.found)) for e in encoded]

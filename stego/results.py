@@ -8,9 +8,12 @@ What it reads (written by :mod:`stego.segment` and :mod:`stego.naming`):
   and ``labels/<rel>.png`` holds the cluster ids;
 - ``model/classes.json``: the class map (names, colours, cluster -> class), when named.
 
-Class ids are always the class map applied to the cluster ids (:meth:`Results.class_ids`), the
-rule :func:`stego.naming.name_results` writes ``labels/`` by, so the page, the exports and the
-naming agree. Unnamed results get one class per cluster, named "cluster N".
+Class ids are the class map applied to the cluster ids (:meth:`Results.class_ids`), the rule
+:func:`stego.naming.name_results` writes ``labels/`` by, so the page, the exports and the naming
+agree; classes fit by a pixel classifier (``stego segment --labels``) are not a function of the
+cluster, so the exports read the class ids it wrote to ``labels/`` (the page, which names
+clusters, shows the class shares of the clusters' majority classes). Unnamed results get one
+class per cluster, named "cluster N".
 """
 
 from __future__ import annotations
@@ -88,8 +91,34 @@ class Results:
         return ids
 
     def class_ids(self, index: int) -> np.ndarray:
-        """(H, W) int64 class ids of image ``index``: the class map applied to its clusters."""
-        return class_lookup(self.classes)[self.cluster_ids(index)]
+        """(H, W) int64 class ids of image ``index``: the class map applied to its clusters, or
+        the ids a pixel classifier wrote to ``labels/``."""
+        if self.classes.classifier is None:
+            return class_lookup(self.classes)[self.cluster_ids(index)]
+        path = self.root / "labels" / self.layout.rels[index]
+        try:
+            with Image.open(path) as im:
+                ids = np.asarray(im).astype(np.int64)
+        except OSError as exc:
+            raise StegoError(
+                f"cannot read the label map {path} ({exc}); rerun stego segment"
+            ) from exc
+        if ids.ndim != 2 or (ids.size and ids.max() >= len(self.classes.names)):
+            raise StegoError(
+                f"{path} is not a map of the {len(self.classes.names)} classes of {self.root}; "
+                "rerun stego segment --labels, or name the clusters again (stego name)"
+            )
+        return ids
+
+    def class_pixels(self, counts: ClusterCounts) -> np.ndarray:
+        """(N, C) int64 pixels of each class in each image: from the cluster ``counts``, or
+        from ``labels/`` for classes a pixel classifier wrote there."""
+        if self.classes.classifier is None:
+            return counts.class_pixels(self.classes)
+        n = len(self.classes.names)
+        return np.stack(
+            [np.bincount(self.class_ids(i).ravel(), minlength=n) for i in range(len(self.rels))]
+        )
 
     def image_rgb(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8: the segmented image, or its overlay when the image moved."""

@@ -128,22 +128,33 @@ def _use_cause(config: Any, s: SegmentSettings, n_items: int) -> None:
     lo.cause_concepts = min(lo.cause_concepts, n_items * (side // lo.cause_cell) ** 2)
 
 
-def _contact_sheet(out: Path, max_images: int = 24) -> Path | None:
-    """A grid of the first images' overlay thumbnails, as one PNG."""
+def _contact_sheet(
+    out: Path, entries: list[Any] | None = None, max_images: int = 24
+) -> Path | None:
+    """A grid of the first images' overlay thumbnails, as one PNG (with a legend of
+    ``entries``, (name, [r, g, b]), when given)."""
     from stego.viz import contact_sheet, save_png
 
-    sheet = contact_sheet(sorted((out / "overlays").rglob("*.png"))[:max_images])
+    sheet = contact_sheet(
+        sorted((out / "overlays").rglob("*.png"))[:max_images], entries=entries or ()
+    )
     return None if sheet is None else save_png(sheet, out / "contact_sheet.png")
 
 
-def _cluster_sizes(out: Path, clusters: int) -> list[float]:
+def _id_counts(folder: Path, n: int) -> np.ndarray:
+    """(n,) pixels of each id in the id PNGs under ``folder``."""
     from PIL import Image
 
-    counts = np.zeros(clusters, dtype=np.int64)
-    named = (out / "clusters").is_dir()  # named by `stego name`: labels/ hold class ids
-    for path in (out / ("clusters" if named else "labels")).rglob("*.png"):
+    counts = np.zeros(n, dtype=np.int64)
+    for path in folder.rglob("*.png"):
         with Image.open(path) as im:
-            counts += np.bincount(np.asarray(im).ravel(), minlength=clusters)[:clusters]
+            counts += np.bincount(np.asarray(im).ravel(), minlength=n)[:n]
+    return counts
+
+
+def _cluster_sizes(out: Path, clusters: int) -> list[float]:
+    named = (out / "clusters").is_dir()  # named: labels/ hold class ids, clusters/ cluster ids
+    counts = _id_counts(out / ("clusters" if named else "labels"), clusters)
     total = max(int(counts.sum()), 1)
     return [round(float(c) / total, 4) for c in counts]
 
@@ -168,6 +179,7 @@ def segment_folder(
     verbose: bool = False,
     method: str = "stego",
     group: ProcessGroup = ONE_PROCESS,
+    naming: str = "classifier",
 ) -> dict[str, Any]:
     """Segment every image under ``input_dir`` into ``clusters`` kinds; outputs in ``out_dir``.
 
@@ -175,9 +187,13 @@ def segment_folder(
     its default settings; the rest of the run is the same).
 
     ``labels``: a LABELS folder (label PNGs for some of the images, same relative path and
-    stem; ``classes.txt``): the clusters are then named after the labelled pixels' majority
-    class (:func:`stego.naming.name_results`) and ``labels/`` hold class ids; ``clusters``
-    defaults to ``NAMED_CLUSTERS`` then. Without labels, ``clusters`` is required.
+    stem; ``classes.txt``): ``labels/`` then hold class ids (the cluster ids go to
+    ``clusters/``), ``model/classes.json`` the classes, and ``clusters`` defaults to
+    ``NAMED_CLUSTERS``. ``naming`` says how: "classifier" (default) fits a pixel classifier on
+    the labelled pixels' codes and backbone features (:mod:`stego.naming.classifier`) and
+    predicts every image with it; "majority" names each cluster after its labelled pixels'
+    majority class (:func:`stego.naming.name_results`). Without labels, ``clusters`` is
+    required.
 
     ``verbose``: also what the libraries print during training (hidden by default).
     ``group``: processes sharing the feature extraction and the prediction
@@ -203,6 +219,8 @@ def segment_folder(
         raise StegoError(f"--clusters must be at least 2, got {clusters}")
     if method not in ("stego", "cause"):
         raise StegoError(f"--method must be stego or cause, got {method!r}")
+    if naming not in ("classifier", "majority"):
+        raise StegoError(f"--naming must be classifier or majority, got {naming!r}")
     images = collect_images([input_dir], exclude=out)
     if len(images) < 2:
         raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
@@ -260,11 +278,16 @@ def segment_folder(
         f"the k-means cluster fit ({s.backbone}, {n_items} views)",
         progress_here,
     )
+    by_classifier = labels is not None and naming == "classifier"
     if group.world > 1:  # every process extracts its share; training then reads the cache
         share_features(config, group, progress_here)
-    # training and the cluster fit run in one process (as in a run of one), the others wait
+    # training, the cluster fit (and the pixel classifier) run in one process, as in a run of
+    # one; the others wait, then read the saved model
     trained = group.on_main(
-        lambda: train_model(config, out, images, s, skip_bad, progress, verbose)
+        lambda: train_model(
+            config, out, images, s, skip_bad, progress, verbose,
+            classifier_labels=labels if by_classifier else None,
+        )
     )
     model, encoded, warnings = trained if main else (None, [], [])
     if not main:
@@ -284,14 +307,22 @@ def segment_folder(
         progress=progress_here,
         max_side=s.predict_side,
         encoded=encoded,
-        probe="cluster",
+        probe="class" if by_classifier else "cluster",
+        keep_clusters=by_classifier,  # cluster ids in clusters/, for `stego name` later
         device=group.device,
         group=group,
     )
     timings["predict"] = time.perf_counter() - start - sum(timings.values())
     if not main:  # the summary, contact sheet and naming are written once
         return {"n_images": len(images), "skipped": [str(p) for p, _ in result.skipped]}
-    sheet = _contact_sheet(out)
+    classes = model.classes if by_classifier else None
+    entries = None
+    if classes is not None:
+        class_counts = _id_counts(out / "labels", classes.n_classes)
+        entries = [
+            (n, c) for n, c, k in zip(classes.names, classes.colors, class_counts, strict=True) if k
+        ]
+    sheet = _contact_sheet(out, entries)
     summary = {
         "input": str(input_dir),
         "n_images": len(images),
@@ -310,9 +341,13 @@ def segment_folder(
             "contact_sheet": str(sheet) if sheet else None,
         },
     }
+    if classes is not None:
+        from stego.naming.render import named_summary
+
+        summary = named_summary(summary, classes, class_counts, out, out / "model")
     with atomic_write(out / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=2)
-    if labels is not None:
+    if labels is not None and not by_classifier:
         from stego.naming import name_results
 
         name_results(out, labels=labels, progress=progress)

@@ -294,12 +294,12 @@ def test_onnx_export_gives_class_ids(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ stego segment --labels
 
 
-def test_segment_with_labels_writes_class_ids(tmp_path: Path) -> None:
+def test_segment_with_labels_by_majority_writes_class_ids(tmp_path: Path) -> None:
     _write_images(tmp_path / "images")
     labels = _write_labels(tmp_path / "labels")
     argv = ["segment", str(tmp_path / "images"), "--labels", str(labels), "--clusters", "3"]
     argv += ["--backbone", "tiny-vit", "--steps", "4", "--resolution", "32", "--quiet"]
-    argv += ["--out", str(tmp_path / "out")]
+    argv += ["--out", str(tmp_path / "out"), "--naming", "majority"]
     with pytest.warns(UserWarning, match="green"):
         assert main(argv) == 0
     out = tmp_path / "out"

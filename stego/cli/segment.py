@@ -32,8 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="folder of label PNGs for some of the images (same relative path and stem, .png; "
         "class id per pixel, 255 = void) and classes.txt (one class name a line, line i = id "
-        "i): the clusters are named after their labelled pixels' majority class and OUT/labels/ "
-        "hold class ids for every image (cluster ids in OUT/clusters/)",
+        "i): OUT/labels/ then hold class ids for every image (cluster ids in OUT/clusters/), "
+        "predicted by a classifier fit on the labelled pixels (see --naming)",
+    )
+    parser.add_argument(
+        "--naming",
+        choices=("classifier", "majority"),
+        default="classifier",
+        help="with --labels, how classes are given: classifier (default) fits a logistic "
+        "regression on the labelled pixels' codes and backbone features and predicts every "
+        "pixel with it (better from ~5 labelled images on); majority names each cluster after "
+        "its labelled pixels' majority class, as `stego name --labels` does",
     )
     parser.add_argument(
         "--out",
@@ -141,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         method=args.method,
         group=group,
+        naming=args.naming,
     )
     if not group.main:
         return 0

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stego.errors import StegoError
 from stego.models.probes import spherical_kmeans
 
 __all__ = [
+    "position_warning",
     "PositionCheck",
     "centre_positions",
     "check_position",
@@ -126,3 +130,56 @@ def check_position(feats: Sequence[Tensor], n_clusters: int, *, seed: int = 0) -
     plain = position_dependence(_cluster_maps(feats, k, seed), k)
     centred = position_dependence(_cluster_maps(centre_positions(feats), k, seed), k)
     return PositionCheck(plain=plain, centred=centred, n_images=len(feats))
+
+
+# Images of the folder the position check reads (:func:`position_warning`): a few seconds of
+# backbone time at the training size.
+POSITION_CHECK_IMAGES = 32
+
+
+def position_warning(
+    model: Any,
+    sources: Sequence[Path],
+    *,
+    clusters: int,
+    resolution: int,
+    backbone: str,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[str]:
+    """The position check on the raw features of up to ``POSITION_CHECK_IMAGES`` of the image
+    files ``sources`` (chosen with ``seed``) at the training ``resolution`` (a few seconds): a
+    warning (one message, printed with ``progress``) when the folder's ``clusters`` segments
+    would follow where things are in the frame rather than what they are; ``backbone`` (its
+    name) is named in the message, with the fix.
+    """
+    from stego.data.transforms import pad_to_multiple
+    from stego.infer.compute import resize_for_network
+    from stego.infer.loading import read_image_rgb
+
+    rng = np.random.default_rng(seed)
+    count = min(POSITION_CHECK_IMAGES, len(sources))
+    feats = []
+    for i in sorted(rng.choice(len(sources), size=count, replace=False).tolist()):
+        try:
+            array = read_image_rgb(sources[i])
+        except StegoError:
+            continue  # prediction reports unreadable images
+        image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
+        small = pad_to_multiple(resize_for_network(image, resolution), model.patch_size)
+        feats.append(model.backbone(small.tensor).feat[0])  # (C, h, w)
+    if len(feats) < 2:
+        return []
+    check = check_position(feats, clusters, seed=seed)
+    if not check.follows_position:
+        return []
+    message = (
+        f"the segments would follow where things are in the frame more than what they are "
+        f"(label-free check on {check.n_images} images: position dependence {check.plain:.2f}, "
+        f"{check.centred:.2f} without the backbone's position signal). The backbone "
+        f"{backbone} carries image position in its features; use real DINO / DINOv2 weights "
+        "(--weights FILE, see the README) for segments by meaning"
+    )
+    if progress:
+        print(f"WARNING: {message}", flush=True)
+    return [message]

@@ -22,7 +22,7 @@ def summary_path(out: Path) -> Path:
 
 def write(results: Results, out: Path, *, progress: bool = True, **_: Any) -> list[Path]:
     counts = cluster_counts(results, progress=progress)
-    pixels = counts.class_pixels(results.classes)  # (N, C)
+    pixels = results.class_pixels(counts)  # (N, C)
     area = counts.sizes.prod(1)  # (N,)
     shares = pixels / np.maximum(area, 1)[:, None]
     names = results.classes.names

@@ -42,6 +42,7 @@ class Labelled(NamedTuple):
     index: int  # position in the items predicted
     image: np.ndarray  # (H, W, 3) uint8
     labels: np.ndarray  # (H, W) int64 ids
+    clusters: np.ndarray | None = None  # (H, W) int64 cluster ids, beside class ids
 
 
 class Scored(NamedTuple):
@@ -50,6 +51,7 @@ class Scored(NamedTuple):
     index: int
     image: np.ndarray  # (H, W, 3) uint8
     log_probs: Tensor  # (K, H, W) on the CPU
+    cluster_log_probs: Tensor | None = None  # (K', H, W), beside class log-probabilities
 
 
 class EncodedImage(NamedTuple):
@@ -84,15 +86,19 @@ def encode_paths(
     flip: bool = True,
     device: str | torch.device = "cpu",
     skip_bad: bool = False,
+    with_features: bool | None = None,
 ) -> list[EncodedImage]:
     """The codes :func:`stego.infer.predict.predict_paths` computes for these images before the
     probes (same network size, padding and flip average), one entry per readable image; pass
     them back to it (``encoded``) to label those images without a second backbone pass.
+    ``with_features``: keep the backbone features too (None: when the model's classes need
+    them, :attr:`stego.models.segmenter.Segmenter.needs_features`).
 
     An unreadable image raises :class:`StegoError` naming the file, or is left out with
     ``skip_bad``.
     """
     model = model.to(device).eval()
+    features = model.needs_features if with_features is None else with_features
     found = []
     for path in map(Path, paths):
         try:
@@ -103,7 +109,7 @@ def encode_paths(
             raise
         image = resize_for_network(_as_input(array, device), max_side)  # (1, 3, h, w)
         with torch.inference_mode():
-            codes = model.encode_any(image, flip=flip)
+            codes = model.encode_any(image, flip=flip, with_features=features)
         found.append(EncodedImage(path, (array.shape[0], array.shape[1]), codes))
     return found
 
@@ -115,9 +121,11 @@ def _encode_batch(
     flip: bool,
     device: str | torch.device,
     max_side: int | None,
+    features: bool = False,
 ) -> list[tuple[list[ReadImage], PaddedCode]]:
     """Codes of readable images whose padded network inputs share one size, one backbone pass:
-    [(images of one own size, their codes (b, D, h, w) with that size's crop)]."""
+    [(images of one own size, their codes (b, D, h, w) with that size's crop)], with the
+    backbone features (b, C, h, w) when ``features``."""
     from stego.data.transforms import pad_to_multiple
     from stego.models.segmenter import PaddedCode
 
@@ -132,16 +140,22 @@ def _encode_batch(
     inputs = torch.cat([p.tensor for p in padded])  # (B, 3, H', W')
     if len({tuple(p.tensor.shape) for p in padded}) != 1:
         raise StegoError("images of one batch must share their padded network size")
-    code = model.encode(inputs, flip=flip)  # (B, D, h, w)
+    if features:  # (B, D, h, w), (B, C, h, w)
+        code, feat = model.encode_with_features(inputs, flip=flip)
+    else:
+        code, feat = model.encode(inputs, flip=flip), None  # (B, D, h, w)
     padded_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     by_size: dict[tuple[int, ...], list[int]] = {}
     for i, item in enumerate(batch):
         by_size.setdefault(item.image.shape, []).append(i)
     groups = []
     for positions in by_size.values():
-        part = code if len(positions) == len(batch) else code[positions]  # (b, D, h, w)
+        whole = len(positions) == len(batch)
+        part = code if whole else code[positions]  # (b, D, h, w)
+        part_feat = None if feat is None else (feat if whole else feat[positions])
         own = (padded[positions[0]].height, padded[positions[0]].width)
-        groups.append(([batch[i] for i in positions], PaddedCode(part, padded_size, own)))
+        found = PaddedCode(part, padded_size, own, part_feat)
+        groups.append(([batch[i] for i in positions], found))
     return groups
 
 
@@ -153,16 +167,25 @@ def label_batch(
     device: str | torch.device,
     probe: str,
     max_side: int | None,
+    keep_clusters: bool = False,
 ) -> list[Labelled]:
-    """Label maps of readable images sharing a padded network size, each at its own size."""
+    """Label maps of readable images sharing a padded network size, each at its own size (and
+    the cluster ids beside them, from the same pass, with ``keep_clusters``)."""
     out = []
+    features = probe == "class" and model.needs_features
     with torch.inference_mode():
         for items, found in _encode_batch(
-            model, batch, flip=flip, device=device, max_side=max_side
+            model, batch, flip=flip, device=device, max_side=max_side, features=features
         ):
             size = items[0].image.shape[:2]
             ids = model.ids_from_code(found, size=size, probe=probe).cpu().numpy()  # (b, H, W)
-            out += [Labelled(item.index, item.image, i) for item, i in zip(items, ids, strict=True)]
+            clusters: Any = [None] * len(items)
+            if keep_clusters:
+                clusters = model.ids_from_code(found, size=size, probe="cluster").cpu().numpy()
+            out += [
+                Labelled(item.index, item.image, i, c)
+                for item, i, c in zip(items, ids, clusters, strict=True)
+            ]
     return sorted(out, key=lambda labelled: labelled.index)
 
 
@@ -174,24 +197,42 @@ def score_batch(
     device: str | torch.device,
     probe: str,
     max_side: int | None,
+    keep_clusters: bool = False,
 ) -> list[Scored]:
     """:func:`label_batch`'s log-probabilities (K, H, W) instead of ids, for the CRF."""
     out = []
+    features = probe == "class" and model.needs_features
     with torch.inference_mode():
         for items, found in _encode_batch(
-            model, batch, flip=flip, device=device, max_side=max_side
+            model, batch, flip=flip, device=device, max_side=max_side, features=features
         ):
             size = items[0].image.shape[:2]
             maps = model.log_probs_from_code(found, size=size, probe=probe).cpu()  # (b, K, H, W)
-            out += [Scored(item.index, item.image, m) for item, m in zip(items, maps, strict=True)]
+            clusters: Any = [None] * len(items)
+            if keep_clusters:
+                clusters = model.log_probs_from_code(found, size=size, probe="cluster").cpu()
+            out += [
+                Scored(item.index, item.image, m, c)
+                for item, m, c in zip(items, maps, clusters, strict=True)
+            ]
     return sorted(out, key=lambda scored: scored.index)
 
 
 def refine(scored: list[Scored], workers: int | None) -> list[Labelled]:
-    """Dense-CRF labels of each image from its log-probabilities; the images may differ in
-    size; ``workers`` processes run them in parallel (None: all CPUs)."""
+    """Dense-CRF labels of each image from its log-probabilities (and of its cluster ids from
+    theirs, when kept: the CRF then runs twice); the images may differ in size; ``workers``
+    processes run them in parallel (None: all CPUs)."""
     from stego.infer.crf import dense_crf_batch
 
-    probs = [s.log_probs.exp().float().numpy() for s in scored]  # (K, H, W) each
-    refined = dense_crf_batch([s.image for s in scored], probs, workers=workers)
-    return [Labelled(s.index, s.image, q.argmax(0)) for s, q in zip(scored, refined, strict=True)]
+    images = [s.image for s in scored]
+    refined = dense_crf_batch(
+        images, [s.log_probs.exp().float().numpy() for s in scored], workers=workers
+    )
+    clusters: list[Any] = [None] * len(scored)
+    if scored and scored[0].cluster_log_probs is not None:
+        cluster_probs = [s.cluster_log_probs.exp().float().numpy() for s in scored]
+        clusters = [q.argmax(0) for q in dense_crf_batch(images, cluster_probs, workers=workers)]
+    return [
+        Labelled(s.index, s.image, q.argmax(0), c)
+        for s, q, c in zip(scored, refined, clusters, strict=True)
+    ]

@@ -13,7 +13,9 @@ Two graphs:
   embedding is resized for them); the batch axis is dynamic.
 
 A model whose clusters are named (:mod:`stego.naming`) gets a third output, ``class_ids``
-(B, h, w) / (B, H, W) int64: the class of the most probable cluster, as ``Segmenter.predict``.
+(B, h, w) / (B, H, W) int64, as ``Segmenter.predict``: the class of the most probable cluster,
+or, when the classes were fit by a pixel classifier (``stego segment --labels``), the argmax of
+its logits on the code and the backbone features.
 
 The legacy TorchScript exporter is used (no onnxscript needed); the file is written atomically
 after onnxruntime reproduced PyTorch's output on a random batch of 2. Models over 2 GB (ViT-g)
@@ -49,10 +51,14 @@ class HeadGraph(nn.Module):
         )
         self.alpha = float(model.meta.alpha)
         self.lookup = _class_lookup(model)
+        self.classifier = _classifier(model)
 
     def forward(self, features: Tensor) -> tuple[Tensor, ...]:
         code = self.head(features).code  # (B, D, h, w)
-        return _with_classes(code, _cluster_log_probs(code, self.clusters, self.alpha), self.lookup)
+        log_probs = _cluster_log_probs(code, self.clusters, self.alpha)
+        if self.classifier is not None:
+            return code, log_probs, self.classifier(code, features).argmax(dim=1)  # (B, h, w)
+        return _with_classes(code, log_probs, self.lookup)
 
 
 class ImageGraph(nn.Module):
@@ -63,9 +69,12 @@ class ImageGraph(nn.Module):
         self.model = model
         self.flip = flip
         self.lookup = _class_lookup(model)
+        self.classifier = _classifier(model)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.model(images, flip=self.flip)
+        if self.classifier is not None:  # the classifier's class log-probs (B, C, H, W)
+            return out.code, out.cluster_log_probs, out.class_log_probs.argmax(dim=1)
         return _with_classes(out.code, out.cluster_log_probs, self.lookup)
 
 
@@ -73,6 +82,12 @@ def _class_lookup(model: Any) -> Tensor | None:
     """(K,) cluster id -> class id of a model with named clusters, else None."""
     classes = getattr(model, "classes", None)
     return classes.lookup() if classes is not None else None
+
+
+def _classifier(model: Any) -> nn.Module | None:
+    """The pixel classifier of a model whose classes were fit by one, else None."""
+    classes = getattr(model, "classes", None)
+    return classes.classifier if classes is not None else None
 
 
 def _with_classes(code: Tensor, log_probs: Tensor, lookup: Tensor | None) -> tuple[Tensor, ...]:
@@ -98,7 +113,7 @@ def _export_bytes(
 ) -> bytes:
     buffer = io.BytesIO()
     outputs = ["code", "cluster_log_probs"]
-    if getattr(graph, "lookup", None) is not None:
+    if getattr(graph, "lookup", None) is not None or getattr(graph, "classifier", None) is not None:
         outputs.append("class_ids")
     axes: dict[str, dict[int, str]] = {input_name: dynamic}
     for name in outputs:

@@ -8,7 +8,10 @@ resolution and writes, under ``out_dir``:
   output), class ids of named clusters (``probe="class"``, the default once the model's
   clusters are named, :mod:`stego.naming`) or of the linear probe (``probe="linear"``, needs
   one), original size;
-- ``overlays/<relative path>.png``: the colour map blended over the image;
+- ``overlays/<relative path>.png``: the colour map blended over the image (class ids: with a
+  legend of the classes in the image below it);
+- ``clusters/<relative path>.png``: the cluster ids as well, from the same backbone pass, with
+  ``keep_clusters`` (``stego segment --labels``);
 - ``clusters.json``: the legend, id -> RGB colour (and class name when known);
 - ``skipped.txt``: unreadable images with the reason (only with ``skip_bad``; empty otherwise).
 
@@ -55,7 +58,7 @@ from stego.infer.loading import (
     read_image_rgb,
     size_batches,
 )
-from stego.infer.writing import OutputWriter, outputs_done, write_outputs
+from stego.infer.writing import OutputStyle, OutputWriter, outputs_done, write_outputs
 from stego.parallel import ONE_PROCESS, ProcessGroup
 
 __all__ = [
@@ -160,6 +163,7 @@ def predict_paths(
     write_threads: int = 1,
     encoded: Sequence[EncodedImage] = (),
     group: ProcessGroup = ONE_PROCESS,
+    keep_clusters: bool = False,
 ) -> PredictSummary:
     """Predict every image of ``inputs`` (files / folders) into ``out_dir`` (see module doc).
 
@@ -172,6 +176,8 @@ def predict_paths(
     images are labelled from them without the backbone (without CRF only). Bad images
     raise :class:`StegoError` naming the file, or with ``skip_bad`` are listed in the summary
     and ``skipped.txt``; existing outputs are kept. ``group``: processes sharing the work.
+    ``keep_clusters`` (``probe="class"`` only): write the cluster ids to ``clusters/`` as well,
+    from the same backbone pass (and the same CRF, which then runs twice).
     """
     probe = probe or model.default_probe()
     if probe not in ("class", "cluster", "linear"):
@@ -180,6 +186,8 @@ def predict_paths(
         raise StegoError("probe='class' needs named clusters (stego name); use probe='cluster'")
     if probe == "linear" and model.linear_probe is None:
         raise StegoError("probe='linear' needs a model with a linear probe; use probe='cluster'")
+    if keep_clusters and probe != "class":
+        raise StegoError("keep_clusters writes the cluster ids beside class ids: probe='class'")
     if batch_size < 1:
         raise StegoError(f"batch_size must be >= 1, got {batch_size}")
     num_workers = default_workers() if num_workers is None else num_workers
@@ -187,17 +195,21 @@ def predict_paths(
     start = time.perf_counter()
     items = collect_images(inputs, exclude=out_dir)
     summary = PredictSummary(out_dir=out_dir)
-    finished = [outputs_done(out_dir, rel) for _, rel in items]
+    entries = legend(model, probe)
+    style = OutputStyle(
+        np.array([e["color"] for e in entries], dtype=np.uint8).reshape(-1, 3),
+        names=list(model.classes.names) if probe == "class" else None,
+        with_clusters=keep_clusters,
+    )
+    finished = [outputs_done(out_dir, rel, style.folders) for _, rel in items]
     todo = [item for item, done in zip(items, finished, strict=True) if not done]
     summary.existing = [source for (source, _), done in zip(items, finished, strict=True) if done]
     chunk = CHUNK_BATCHES * batch_size
     todo = group.stretch(todo, chunk)  # whole chunks each: the same batches as one process
-    entries = legend(model, probe)
-    colours = np.array([e["color"] for e in entries], dtype=np.uint8).reshape(-1, 3)
     with atomic_write(out_dir / "clusters.json", "w") as handle:
         json.dump({"probe": probe, "ids": entries}, handle, indent=2)
     model = model.to(device).eval()
-    run = _Run(summary, todo, colours, len(todo), progress)
+    run = _Run(summary, todo, style, len(todo), progress)
     # two batches' writes may wait: one batch's being encoded while the next is handed in
     with OutputWriter(write_threads, max_pending=2 * batch_size) as writer:
         indices: Sequence[int] = range(len(todo))
@@ -219,7 +231,13 @@ def predict_paths(
                 summary.skipped.append((todo[batch[0].index][0], batch[0].error))
                 run.show()
                 continue
-            kw = dict(flip=flip, device=device, probe=probe, max_side=max_side)
+            kw = dict(
+                flip=flip,
+                device=device,
+                probe=probe,
+                max_side=max_side,
+                keep_clusters=keep_clusters,
+            )
             if not crf:
                 run.write(writer, label_batch(model, batch, **kw))
                 continue
@@ -247,7 +265,7 @@ class _Run:
 
     summary: PredictSummary
     todo: list[tuple[Path, Path]]
-    colours: np.ndarray  # (K, 3) uint8
+    style: OutputStyle
     total: int
     progress: bool
 
@@ -255,7 +273,7 @@ class _Run:
         """Hand each image's outputs to ``writer``; counted as written once on disk."""
         for item in labelled:
             source, rel = self.todo[item.index]
-            args = (self.summary.out_dir, rel, item.image, item.labels, self.colours)
+            args = (self.summary.out_dir, rel, item.image, item.labels, self.style, item.clusters)
             writer.submit(source, write_outputs, *args, done=self.on_written(source))
 
     def on_written(self, source: Path) -> Callable[[], None]:
@@ -292,15 +310,27 @@ def _write_encoded(
         if entry is None:
             rest.append(index)
             continue
-        found = entry.found._replace(code=entry.found.code.to(device))  # (1, D, h, w)
+        feat = entry.found.feat
+        found = entry.found._replace(  # (1, D, h, w) codes, (1, C, h, w) features
+            code=entry.found.code.to(device), feat=None if feat is None else feat.to(device)
+        )
         ids = model.ids_from_code(found, size=entry.size, probe=probe)[0].cpu().numpy()
-        args = (run.summary.out_dir, rel, source, ids, run.colours)
+        clusters = None
+        if run.style.with_clusters:
+            clusters = model.ids_from_code(found, size=entry.size, probe="cluster")[0]
+            clusters = clusters.cpu().numpy()
+        args = (run.summary.out_dir, rel, source, ids, run.style, clusters)
         writer.submit(source, _write_read, *args, done=run.on_written(source))
     return rest
 
 
 def _write_read(
-    out_dir: Path, rel: Path, source: Path, labels: np.ndarray, colours: np.ndarray
+    out_dir: Path,
+    rel: Path,
+    source: Path,
+    labels: np.ndarray,
+    style: OutputStyle,
+    clusters: np.ndarray | None,
 ) -> None:
     """:func:`write_outputs` of the image at ``source``, read here."""
-    write_outputs(out_dir, rel, read_image_rgb(source), labels, colours)
+    write_outputs(out_dir, rel, read_image_rgb(source), labels, style, clusters)

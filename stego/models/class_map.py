@@ -12,8 +12,15 @@ The class map lives here, below the segmenter, so that loading a model needs not
      "names":   ["road", "sky", "cluster 3", ...],   # class id i -> name
      "colors":  [[128, 64, 128], ...],                # class id i -> RGB (0-255)
      "mapping": [0, 0, 1, 2, ...],                    # cluster id c -> class id
-     "fit": {"method": "majority" | "hand", "labelled_images": 10,
-             "labelled_pixels": 123456, "source": "..."}}
+     "fit": {"method": "majority" | "hand" | "classifier", "labelled_images": 10,
+             "labelled_pixels": 123456, "source": "..."},
+     "classifier": {"file": "classes.safetensors", "code_dim": 32, "feat_dim": 384}}
+
+``classifier`` (only when the classes were fit by ``stego segment --labels``): a
+:class:`stego.models.pixel_classifier.PixelClassifier` whose weights are in
+``classes.safetensors``; it gives every pixel's class from its code and backbone feature, and
+``mapping`` (the labelled pixels' majority class of each cluster) is then only used where
+nothing but cluster ids is known.
 """
 
 from __future__ import annotations
@@ -28,10 +35,19 @@ from torch import Tensor
 
 from stego.atomic import atomic_write
 from stego.errors import StegoError
+from stego.models.pixel_classifier import PixelClassifier
 
-__all__ = ["CLASSES_FILE", "ClassMap", "read_class_map", "write_class_map"]
+__all__ = [
+    "CLASSES_FILE",
+    "CLASSIFIER_FILE",
+    "ClassMap",
+    "read_class_map",
+    "write_class_map",
+    "remove_class_map",
+]
 
 CLASSES_FILE = "classes.json"
+CLASSIFIER_FILE = "classes.safetensors"
 VERSION = 1
 
 
@@ -43,6 +59,8 @@ class ClassMap:
     colors: list[list[int]]  # class id -> [r, g, b] in 0-255
     mapping: list[int]  # cluster id -> class id
     fit: dict[str, Any] = field(default_factory=dict)  # how the mapping was made
+    # pixel classes from codes and features; None: the class of a pixel is its cluster's
+    classifier: PixelClassifier | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.names = [str(n) for n in self.names]
@@ -60,6 +78,11 @@ class ClassMap:
             raise StegoError(
                 f"the cluster -> class mapping names class ids {outside} outside the "
                 f"{len(self.names)} classes; name the clusters again"
+            )
+        if self.classifier is not None and self.classifier.n_classes != len(self.names):
+            raise StegoError(
+                f"the pixel classifier has {self.classifier.n_classes} classes but the class "
+                f"map {len(self.names)}; name the clusters again"
             )
 
     @property
@@ -85,13 +108,20 @@ class ClassMap:
         return merged.clamp_min(1e-30).log()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "version": VERSION,
             "names": list(self.names),
             "colors": [list(c) for c in self.colors],
             "mapping": list(self.mapping),
             "fit": dict(self.fit),
         }
+        if self.classifier is not None:
+            data["classifier"] = {
+                "file": CLASSIFIER_FILE,
+                "code_dim": self.classifier.code_dim,
+                "feat_dim": self.classifier.feat_dim,
+            }
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassMap:
@@ -107,7 +137,8 @@ class ClassMap:
 
 
 def read_class_map(model_dir: str | Path) -> ClassMap | None:
-    """The class map saved in ``model_dir/classes.json``, or None when there is none."""
+    """The class map saved in ``model_dir/classes.json`` (with its pixel classifier from
+    ``classes.safetensors`` when it has one), or None when there is none."""
     path = Path(model_dir) / CLASSES_FILE
     if not path.is_file():
         return None
@@ -119,14 +150,49 @@ def read_class_map(model_dir: str | Path) -> ClassMap | None:
             "(stego name)"
         ) from exc
     try:
-        return ClassMap.from_dict(data)
+        class_map = ClassMap.from_dict(data)
+        if data.get("classifier"):
+            class_map.classifier = _read_classifier(Path(model_dir), data["classifier"])
+            class_map.__post_init__()  # checks the classifier's classes
     except StegoError as exc:
         raise StegoError(f"{path}: {exc}") from exc
+    return class_map
+
+
+def _read_classifier(model_dir: Path, info: dict[str, Any]) -> PixelClassifier:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = model_dir / str(info.get("file", CLASSIFIER_FILE))
+    try:
+        state = load_file(str(path))
+        return PixelClassifier.from_state(state, int(info["code_dim"]))
+    except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as exc:
+        raise StegoError(
+            f"its pixel classifier {path} is missing or unreadable ({exc}); run `stego segment "
+            "--labels` again, or name the clusters again with `stego name`"
+        ) from exc
 
 
 def write_class_map(model_dir: str | Path, class_map: ClassMap) -> Path:
-    """Write ``class_map`` to ``model_dir/classes.json`` atomically; returns the path."""
+    """Write ``class_map`` to ``model_dir/classes.json`` atomically (its pixel classifier to
+    ``classes.safetensors`` first; a classifier left by an earlier naming is removed); returns
+    the path of the JSON."""
+    from safetensors.torch import save
+
     path = Path(model_dir) / CLASSES_FILE
+    weights = Path(model_dir) / CLASSIFIER_FILE
+    if class_map.classifier is not None:
+        with atomic_write(weights) as handle:
+            handle.write(save(class_map.classifier.state()))
     with atomic_write(path, "w") as handle:
         json.dump(class_map.to_dict(), handle, indent=2)
+    if class_map.classifier is None:
+        weights.unlink(missing_ok=True)
     return path
+
+
+def remove_class_map(model_dir: str | Path) -> None:
+    """Remove a saved class map (and its pixel classifier): the model predicts clusters."""
+    (Path(model_dir) / CLASSES_FILE).unlink(missing_ok=True)
+    (Path(model_dir) / CLASSIFIER_FILE).unlink(missing_ok=True)

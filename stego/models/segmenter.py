@@ -10,7 +10,6 @@ bilinearly to the output size, then ``log_softmax(alpha * cosine)`` for the clus
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -20,140 +19,24 @@ from torch import Tensor, nn
 
 from stego.data.transforms import pad_to_multiple
 from stego.errors import StegoError
-from stego.models.class_map import ClassMap, read_class_map, write_class_map
+from stego.models.class_map import ClassMap, read_class_map, remove_class_map, write_class_map
 from stego.models.heads import SegmentationHead
 from stego.models.probes import ClusterProbe, LinearProbe
+from stego.models.segmenter_meta import SegmenterMeta
 
 if TYPE_CHECKING:
-    from stego.config import StegoConfig
-    from stego.data.registry import DatasetInfo
     from stego.models.backbone import Backbone
 
 __all__ = ["PaddedCode", "Segmenter", "SegmenterMeta", "SegmenterOutput", "build_segmenter"]
-
-
-@dataclass
-class SegmenterMeta:
-    """Everything besides weights that is needed to rebuild and use a trained model."""
-
-    backbone: str
-    backbone_layer: int | None
-    head_kind: str
-    code_dim: int
-    n_clusters: int
-    n_classes: int | None = None  # classes of the linear probe, when one was trained
-    dataset: str | None = None
-    class_names: list[str] | None = None
-    palette: list[list[int]] | None = None  # RGB per cluster/class
-    resolution: int = 224  # training resolution (shorter side)
-    alpha: float = 2.0  # cluster-probe softmax temperature at prediction (the paper's 2)
-    backbone_digest: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SegmenterMeta:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def from_config(
-        cls,
-        config: StegoConfig,
-        info: DatasetInfo,
-        *,
-        code_dim: int,
-        n_clusters: int,
-        n_classes: int | None,
-        backbone_digest: str = "",
-    ) -> SegmenterMeta:
-        """The metadata of a model trained with ``config`` on the dataset described by ``info``.
-
-        A CAUSE model (``model.method: cause``) has ``head_kind`` "cause-mlp" / "cause-tr" and
-        its head's sizes in ``extra``: ``n_concepts`` (TR: the clusterbook it keeps) and
-        ``n_positions`` (TR: the training grid's patch count).
-        """
-        m = config.model
-        head_kind, extra = m.head, {}
-        if m.method == "cause":
-            head_kind = f"cause-{m.cause_head}"
-            if m.cause_head == "tr":
-                from stego.models.registry import patch_size
-
-                side = config.data.resolution // patch_size(m.backbone)
-                extra = {"n_concepts": config.loss.cause_concepts, "n_positions": side * side}
-        return cls(
-            backbone=m.backbone,
-            backbone_layer=m.layer,
-            head_kind=head_kind,
-            extra=extra,
-            code_dim=code_dim,
-            n_clusters=n_clusters,
-            n_classes=n_classes,
-            resolution=config.data.resolution,
-            backbone_digest=backbone_digest,
-            **_dataset_fields(info),
-        )
-
-    @classmethod
-    def from_state(
-        cls,
-        state: dict[str, Tensor],
-        *,
-        backbone: str,
-        backbone_layer: int | None = None,
-        info: DatasetInfo | None = None,
-        resolution: int = 224,
-        backbone_digest: str = "",
-        extra: dict[str, Any] | None = None,
-    ) -> SegmenterMeta:
-        """The metadata of Segmenter weights ``state`` (head.*, cluster_probe.*, linear_probe.*).
-
-        Code dim, cluster count, linear-probe classes and head kind are read from the tensors;
-        dataset name, class names and palette from ``info`` (whose class count stands in when
-        ``state`` has no linear probe, so predictions can still be named).
-        """
-        clusters = state.get("cluster_probe.clusters")
-        if clusters is None:
-            raise StegoError("the weights have no cluster_probe.clusters; not a STEGO model")
-        linear = state.get("linear_probe.conv.weight")
-        n_classes = int(linear.shape[0]) if linear is not None else None
-        if "head.nonlinear.0.weight" in state:
-            kind = "nonlinear"
-        else:
-            kind = "linear" if "head.linear.weight" in state else "none"
-        fields = _dataset_fields(info) if info is not None else {}
-        if n_classes is None and info is not None:
-            n_classes = info.n_classes
-        return cls(
-            backbone=backbone,
-            backbone_layer=backbone_layer,
-            head_kind=kind,
-            code_dim=int(clusters.shape[1]),
-            n_clusters=int(clusters.shape[0]),
-            n_classes=n_classes,
-            resolution=resolution,
-            backbone_digest=backbone_digest,
-            extra=dict(extra or {}),
-            **fields,
-        )
-
-
-def _dataset_fields(info: DatasetInfo) -> dict[str, Any]:
-    """The dataset part of :class:`SegmenterMeta`: name, class names, palette (None: unknown)."""
-    return {
-        "dataset": info.name,
-        "class_names": list(info.class_names) or None,
-        "palette": info.palette.tolist() if len(info.palette) else None,
-    }
 
 
 class SegmenterOutput(NamedTuple):
     code: Tensor  # (B, D, h, w) code at feature resolution (flip-averaged)
     cluster_log_probs: Tensor  # (B, K, H, W) log-probabilities of the clusters at output size
     linear_log_probs: Tensor | None  # (B, n_classes, H, W) or None without a linear probe
+    # (B, C, H, W) log-probabilities of the named classes (None until the clusters are named):
+    # the pixel classifier's, or the sums of each class's cluster probabilities
+    class_log_probs: Tensor | None = None
 
 
 class PaddedCode(NamedTuple):
@@ -162,6 +45,9 @@ class PaddedCode(NamedTuple):
     code: Tensor  # (B, D, h, w), h = padded height / patch
     padded_size: tuple[int, int]  # (H', W') fed to the backbone
     own_size: tuple[int, int]  # (H, W) of the images before padding
+    # (B, C, h, w) backbone features (flip-averaged like the code), when asked for: the pixel
+    # classifier of named classes needs them (Segmenter.needs_features)
+    feat: Tensor | None = None
 
 
 PROBES = ("class", "cluster", "linear")
@@ -197,7 +83,21 @@ class Segmenter(nn.Module):
                 f"the class map names {classes.n_clusters} clusters but the model has "
                 f"{self.meta.n_clusters}; name this model's clusters again (stego name)"
             )
+        classifier = classes.classifier if classes is not None else None
+        dims = (int(self.meta.code_dim), int(self.backbone.embed_dim))
+        if classifier is not None and (classifier.code_dim, classifier.feat_dim) != dims:
+            raise StegoError(
+                f"the pixel classifier reads codes of {classifier.code_dim} and features of "
+                f"{classifier.feat_dim} channels, but the model has {dims[0]} and {dims[1]}; "
+                "fit it again on this model (stego segment --labels)"
+            )
         self.classes = classes
+
+    @property
+    def needs_features(self) -> bool:
+        """True when class prediction needs the backbone features beside the codes (the
+        classes were fit by a pixel classifier, :mod:`stego.models.pixel_classifier`)."""
+        return self.classes is not None and self.classes.classifier is not None
 
     def default_probe(self) -> str:
         """The default probe: "class" once the clusters are named, else "cluster"."""
@@ -246,7 +146,6 @@ class Segmenter(nn.Module):
     ) -> Path:
         """Write the model to ``directory`` (created; see :mod:`stego.models.files`), with its
         class map in ``classes.json`` when the clusters are named."""
-        from stego.models.class_map import CLASSES_FILE
         from stego.models.files import write_model_dir
 
         state = {
@@ -264,7 +163,7 @@ class Segmenter(nn.Module):
         if self.classes is not None:
             write_class_map(written, self.classes)
         else:  # a class map left by an earlier save would name other clusters
-            (written / CLASSES_FILE).unlink(missing_ok=True)
+            remove_class_map(written)
         return written
 
     @property
@@ -274,12 +173,20 @@ class Segmenter(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor, *, flip: bool = True) -> Tensor:
         """Codes (B, D, h, w) of images (B, 3, H, W) in [0, 1]; H, W multiples of the patch."""
+        return self.encode_with_features(images, flip=flip)[0]
+
+    @torch.no_grad()
+    def encode_with_features(self, images: Tensor, *, flip: bool = True) -> tuple[Tensor, Tensor]:
+        """Codes (B, D, h, w) and backbone features (B, C, h, w) of images (B, 3, H, W) in
+        [0, 1], both averaged with the horizontal flip's when ``flip``."""
         self.head.eval()
-        code = self.head(self.backbone(images).feat).code
+        feat = self.backbone(images).feat
+        code = self.head(feat).code
         if flip:
-            flipped = self.head(self.backbone(images.flip(-1)).feat).code
-            code = (code + flipped.flip(-1)) / 2
-        return code
+            feat_flip = self.backbone(images.flip(-1)).feat
+            code = (code + self.head(feat_flip).code.flip(-1)) / 2
+            feat = (feat + feat_flip.flip(-1)) / 2
+        return code, feat
 
     @torch.no_grad()
     def forward(
@@ -290,29 +197,40 @@ class Segmenter(nn.Module):
         Images are padded to a multiple of the patch size and the output cropped back, so the
         log-probabilities have the images' own size, or ``size`` when given (e.g. label size).
         """
-        code, padded_size, own = self.encode_any(images, flip=flip)
+        found = self.encode_any(images, flip=flip, with_features=self.needs_features)
+        code, padded_size, own = found.code, found.padded_size, found.own_size
         full = _to_output_size(code, padded_size, own, size)
         cluster = self.cluster_probe.log_probs(full, alpha=self.meta.alpha)
-        linear = None
+        linear = classes = None
         if self.linear_probe is not None:
             linear = F.log_softmax(self.linear_probe(full), dim=1)
-        return SegmenterOutput(code=code, cluster_log_probs=cluster, linear_log_probs=linear)
+        if self.classes is not None and self.classes.classifier is not None:
+            logits = self.classes.classifier(code, found.feat)  # (B, C, h, w)
+            classes = F.log_softmax(_to_output_size(logits, padded_size, own, size), dim=1)
+        elif self.classes is not None:
+            classes = self.classes.merge_log_probs(cluster)
+        return SegmenterOutput(code, cluster, linear, classes)
 
     @torch.no_grad()
-    def encode_any(self, images: Tensor, *, flip: bool = True) -> PaddedCode:
+    def encode_any(
+        self, images: Tensor, *, flip: bool = True, with_features: bool = False
+    ) -> PaddedCode:
         """:meth:`encode` of images (B, 3, H, W) in [0, 1] of any size: padded at the bottom /
-        right to a multiple of the patch (replicated edge), as prediction pads them."""
+        right to a multiple of the patch (replicated edge), as prediction pads them; with the
+        backbone features too when ``with_features``."""
         padded = pad_to_multiple(images, self.patch_size, mode="replicate")
         size = (int(padded.tensor.shape[-2]), int(padded.tensor.shape[-1]))
-        code = self.encode(padded.tensor, flip=flip)
-        return PaddedCode(code, size, (padded.height, padded.width))
+        code, feat = self.encode_with_features(padded.tensor, flip=flip)
+        return PaddedCode(
+            code, size, (padded.height, padded.width), feat if with_features else None
+        )
 
     @torch.no_grad()
     def ids_from_code(
         self, found: PaddedCode, *, size: tuple[int, int] | None = None, probe: str | None = None
     ) -> Tensor:
         """The ids (B, H, W) int64 :meth:`predict` gives, from codes :meth:`encode_any` made."""
-        code, padded_size, own = found
+        code, padded_size, own = found.code, found.padded_size, found.own_size
         probe = probe or self.default_probe()
         if probe == "class":
             if self.classes is None:
@@ -320,9 +238,18 @@ class Segmenter(nn.Module):
                     "probe='class' needs named clusters: name them with `stego name` (or "
                     "Segmenter.set_classes), or use probe='cluster'"
                 )
-            ids = self.ids_from_code(found, size=size, probe="cluster")
-            return self.classes.lookup().to(ids.device)[ids]
-        if probe == "cluster":
+            if self.classes.classifier is None:
+                ids = self.ids_from_code(found, size=size, probe="cluster")
+                return self.classes.lookup().to(ids.device)[ids]
+            if found.feat is None:
+                raise StegoError(
+                    "these classes are predicted from codes and backbone features: encode "
+                    "with encode_any(..., with_features=True)"
+                )
+            # logits are linear in the (unit) inputs: computed at feature resolution, then
+            # upsampled, as the cluster scores below
+            scores = self.classes.classifier(code, found.feat)  # (B, C, h, w)
+        elif probe == "cluster":
             centroids = F.normalize(self.cluster_probe.clusters, dim=1, eps=1e-12)
             scores = torch.einsum("bdhw,kd->bkhw", code, centroids)  # (B, K, h, w)
         elif probe == "linear":
@@ -339,13 +266,24 @@ class Segmenter(nn.Module):
         self, found: PaddedCode, *, size: tuple[int, int] | None = None, probe: str = "cluster"
     ) -> Tensor:
         """:meth:`forward`'s log-probabilities (B, K, H, W) of ``probe`` (cluster, linear, or
-        class: the clusters' merged by :attr:`classes`), from codes :meth:`encode_any` made."""
+        class: the pixel classifier's, or the clusters' merged by :attr:`classes`), from codes
+        :meth:`encode_any` made."""
         if probe not in PROBES:
             raise StegoError(f"unknown probe {probe!r}; valid: {', '.join(PROBES)}")
         if probe == "linear" and self.linear_probe is None:
             raise StegoError("probe='linear' needs a model with a linear probe; use 'cluster'")
         if probe == "class" and self.classes is None:
             raise StegoError("probe='class' needs named clusters (stego name); use 'cluster'")
+        if probe == "class" and self.classes.classifier is not None:
+            if found.feat is None:
+                raise StegoError(
+                    "these classes are predicted from codes and backbone features: encode "
+                    "with encode_any(..., with_features=True)"
+                )
+            logits = self.classes.classifier(found.code, found.feat)  # (B, C, h, w)
+            return F.log_softmax(
+                _to_output_size(logits, found.padded_size, found.own_size, size), dim=1
+            )
         full = _to_output_size(found.code, found.padded_size, found.own_size, size)
         if probe == "linear":
             return F.log_softmax(self.linear_probe(full), dim=1)
@@ -386,7 +324,8 @@ class Segmenter(nn.Module):
         probes: tuple[str, ...] = ("cluster", "linear"),
     ) -> dict[str, Tensor]:
         """:meth:`predict` of several probes from one backbone pass: {probe: (B, H, W) int64}."""
-        found = self.encode_any(images, flip=flip)
+        features = self.needs_features and "class" in probes
+        found = self.encode_any(images, flip=flip, with_features=features)
         return {probe: self.ids_from_code(found, size=size, probe=probe) for probe in probes}
 
     def labels(self, images: Tensor, **kwargs: Any) -> Tensor:

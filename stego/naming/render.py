@@ -25,7 +25,7 @@ from stego.atomic import atomic_write
 from stego.errors import StegoError
 from stego.models.class_map import ClassMap, write_class_map
 
-__all__ = ["ResultsLayout", "render_results"]
+__all__ = ["ResultsLayout", "named_summary", "render_results"]
 
 STAGE = ".naming-new"
 TRASH = ".naming-old"
@@ -82,18 +82,22 @@ def _render_one(
     return count
 
 
-def _summary(layout: ResultsLayout, class_map: ClassMap, counts: np.ndarray) -> dict[str, Any]:
+def named_summary(
+    summary: dict[str, Any], class_map: ClassMap, counts: np.ndarray, root: Path, model_dir: Path
+) -> dict[str, Any]:
+    """``summary`` (of a ``stego segment`` output in ``root``) with the classes: their names,
+    pixel shares (``counts``: (C,) pixels per class), how they were fit, where the outputs are."""
     total = max(int(counts.sum()), 1)
-    summary = dict(layout.summary)
+    summary = dict(summary)
     summary["classes"] = list(class_map.names)
     summary["class_pixel_fraction"] = {
         name: round(float(c) / total, 4) for name, c in zip(class_map.names, counts, strict=True)
     }
     summary["naming"] = dict(class_map.fit)
     outputs = dict(summary.get("outputs") or {})
-    outputs["labels"] = str(layout.root / "labels")
-    outputs["clusters"] = str(layout.root / "clusters")
-    outputs["classes"] = str(layout.model_dir / "classes.json")
+    outputs["labels"] = str(root / "labels")
+    outputs["clusters"] = str(root / "clusters")
+    outputs["classes"] = str(model_dir / "classes.json")
     summary["outputs"] = outputs
     return summary
 
@@ -145,7 +149,8 @@ def _render_all(layout: ResultsLayout, class_map: ClassMap, stage: Path, progres
     if sheet is not None:
         _write_png(stage / "contact_sheet.png", sheet)
     with atomic_write(stage / "summary.json", "w") as handle:
-        json.dump(_summary(layout, class_map, counts), handle, indent=2)
+        summary = named_summary(layout.summary, class_map, counts, layout.root, layout.model_dir)
+        json.dump(summary, handle, indent=2)
 
 
 def _swap(root: Path, stage: Path, clusters_dir: Path) -> None:
