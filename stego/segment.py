@@ -128,6 +128,22 @@ def _use_cause(config: Any, s: SegmentSettings, n_items: int) -> None:
     lo.cause_concepts = min(lo.cause_concepts, n_items * (side // lo.cause_cell) ** 2)
 
 
+def _refuse_other_naming(out: Path, naming: str) -> None:
+    """A rerun with labels into ``out`` continues it only with the same ``naming``: its written
+    label maps would otherwise keep the other method's classes beside a model renamed."""
+    from stego.models.class_map import CLASSES_FILE
+
+    path = out / "model" / CLASSES_FILE
+    if not path.is_file():
+        return
+    done = json.loads(path.read_text()).get("fit", {}).get("method")
+    if done in ("classifier", "majority") and done != naming:
+        raise StegoError(
+            f"{out} was named with --naming {done}; rerun with --naming {done} to continue it, "
+            "or pass another --out (or delete that folder)"
+        )
+
+
 def _contact_sheet(
     out: Path, entries: list[Any] | None = None, max_images: int = 24
 ) -> Path | None:
@@ -229,6 +245,7 @@ def segment_folder(
         from stego.naming.labels import check_labels
 
         check_labels(labels, images)
+        _refuse_other_naming(out, naming)
     if backbone is None:
         backbone, default_layer = default_backbone(weights)
         layer = default_layer if layer is None else layer
@@ -285,7 +302,13 @@ def segment_folder(
     # one; the others wait, then read the saved model
     trained = group.on_main(
         lambda: train_model(
-            config, out, images, s, skip_bad, progress, verbose,
+            config,
+            out,
+            images,
+            s,
+            skip_bad,
+            progress,
+            verbose,
             classifier_labels=labels if by_classifier else None,
         )
     )

@@ -256,3 +256,21 @@ def test_exports_read_the_classifier_classes(by_classifier: Path, tmp_path: Path
         classes = _read(by_classifier / "labels" / rel)
         row = by_name[opened.image_name(i)]
         assert abs(float(row[3]) - (classes == 0).mean()) < 1e-5  # the share of "red"
+
+
+def test_rerun_with_the_other_naming_is_refused(
+    by_classifier: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The output of `stego segment --labels` (classifier) rerun with --naming majority: refused
+    before any work, naming the fix, and nothing in it changed."""
+    root = tmp_path
+    out = Path(shutil.copytree(by_classifier, root / "out"))
+    _write_images(root / "images")
+    labels = _write_labels(root / "labels")
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*.png"))}
+    argv = ["segment", str(root / "images"), "--labels", str(labels), "--clusters", "3"]
+    argv += ["--backbone", "tiny-vit", "--steps", "4", "--resolution", "32", "--quiet"]
+    argv += ["--out", str(out), "--naming", "majority"]
+    assert main(argv) == 2
+    assert "rerun with --naming classifier" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*.png"))} == before
