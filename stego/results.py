@@ -75,13 +75,7 @@ class Results:
     def cluster_ids(self, index: int) -> np.ndarray:
         """(H, W) int64 cluster ids of image ``index``."""
         path = self.cluster_path(index)
-        try:
-            with Image.open(path) as im:
-                ids = np.asarray(im).astype(np.int64)
-        except OSError as exc:
-            raise StegoError(
-                f"cannot read the label map {path} ({exc}); rerun stego segment"
-            ) from exc
+        ids = _read_id_map(path)
         if ids.ndim != 2 or (ids.size and ids.max() >= self.n_clusters):
             raise StegoError(
                 f"{path} is not a map of the {self.n_clusters} clusters of {self.root} (shape "
@@ -96,13 +90,7 @@ class Results:
         if self.classes.classifier is None:
             return class_lookup(self.classes)[self.cluster_ids(index)]
         path = self.root / "labels" / self.layout.rels[index]
-        try:
-            with Image.open(path) as im:
-                ids = np.asarray(im).astype(np.int64)
-        except OSError as exc:
-            raise StegoError(
-                f"cannot read the label map {path} ({exc}); rerun stego segment"
-            ) from exc
+        ids = _read_id_map(path)
         if ids.ndim != 2 or (ids.size and ids.max() >= len(self.classes.names)):
             raise StegoError(
                 f"{path} is not a map of the {len(self.classes.names)} classes of {self.root}; "
@@ -282,3 +270,12 @@ def cluster_counts(results: Results, *, progress: bool = False) -> ClusterCounts
         with atomic_write(cached) as handle:
             np.savez(handle, names=names, stats=stats, pixels=pixels, sizes=sizes)
     return ClusterCounts(pixels=pixels, sizes=sizes)
+
+
+def _read_id_map(path: Path) -> np.ndarray:
+    """(H, W) int64 ids of a written label map; an unreadable file raises naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im).astype(np.int64)
+    except OSError as exc:
+        raise StegoError(f"cannot read the label map {path} ({exc}); rerun stego segment") from exc

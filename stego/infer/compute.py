@@ -9,7 +9,7 @@ gives each image the labels that a batch of its own size gives it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -159,6 +159,31 @@ def _encode_batch(
     return groups
 
 
+def _each_image(
+    model: Any,
+    batch: list[ReadImage],
+    maps: Callable[[PaddedCode, tuple[int, int], str], Tensor],
+    *,
+    flip: bool,
+    device: str | torch.device,
+    probe: str,
+    max_side: int | None,
+    keep_clusters: bool,
+) -> Iterator[tuple[ReadImage, Tensor, Tensor | None]]:
+    """(image, its map of ``probe``, its cluster map or None) for each readable image sharing a
+    padded network size, from one backbone pass; ``maps(found, size, probe)`` gives a group of
+    one own size its maps (b, ...) on the CPU."""
+    features = probe == "class" and model.needs_features
+    with torch.inference_mode():
+        for items, found in _encode_batch(
+            model, batch, flip=flip, device=device, max_side=max_side, features=features
+        ):
+            size = items[0].image.shape[:2]
+            main = maps(found, size, probe)
+            clusters: Any = maps(found, size, "cluster") if keep_clusters else [None] * len(items)
+            yield from zip(items, main, clusters, strict=True)
+
+
 def label_batch(
     model: Any,
     batch: list[ReadImage],
@@ -171,21 +196,17 @@ def label_batch(
 ) -> list[Labelled]:
     """Label maps of readable images sharing a padded network size, each at its own size (and
     the cluster ids beside them, from the same pass, with ``keep_clusters``)."""
-    out = []
-    features = probe == "class" and model.needs_features
-    with torch.inference_mode():
-        for items, found in _encode_batch(
-            model, batch, flip=flip, device=device, max_side=max_side, features=features
-        ):
-            size = items[0].image.shape[:2]
-            ids = model.ids_from_code(found, size=size, probe=probe).cpu().numpy()  # (b, H, W)
-            clusters: Any = [None] * len(items)
-            if keep_clusters:
-                clusters = model.ids_from_code(found, size=size, probe="cluster").cpu().numpy()
-            out += [
-                Labelled(item.index, item.image, i, c)
-                for item, i, c in zip(items, ids, clusters, strict=True)
-            ]
+
+    def ids(found: PaddedCode, size: tuple[int, int], p: str) -> Tensor:  # (b, H, W)
+        return model.ids_from_code(found, size=size, probe=p).cpu()
+
+    out = [
+        Labelled(item.index, item.image, m.numpy(), None if c is None else c.numpy())
+        for item, m, c in _each_image(
+            model, batch, ids, flip=flip, device=device, probe=probe, max_side=max_side,
+            keep_clusters=keep_clusters,
+        )
+    ]  # fmt: skip
     return sorted(out, key=lambda labelled: labelled.index)
 
 
@@ -200,21 +221,17 @@ def score_batch(
     keep_clusters: bool = False,
 ) -> list[Scored]:
     """:func:`label_batch`'s log-probabilities (K, H, W) instead of ids, for the CRF."""
-    out = []
-    features = probe == "class" and model.needs_features
-    with torch.inference_mode():
-        for items, found in _encode_batch(
-            model, batch, flip=flip, device=device, max_side=max_side, features=features
-        ):
-            size = items[0].image.shape[:2]
-            maps = model.log_probs_from_code(found, size=size, probe=probe).cpu()  # (b, K, H, W)
-            clusters: Any = [None] * len(items)
-            if keep_clusters:
-                clusters = model.log_probs_from_code(found, size=size, probe="cluster").cpu()
-            out += [
-                Scored(item.index, item.image, m, c)
-                for item, m, c in zip(items, maps, clusters, strict=True)
-            ]
+
+    def log_probs(found: PaddedCode, size: tuple[int, int], p: str) -> Tensor:  # (b, K, H, W)
+        return model.log_probs_from_code(found, size=size, probe=p).cpu()
+
+    out = [
+        Scored(item.index, item.image, m, c)
+        for item, m, c in _each_image(
+            model, batch, log_probs, flip=flip, device=device, probe=probe, max_side=max_side,
+            keep_clusters=keep_clusters,
+        )
+    ]  # fmt: skip
     return sorted(out, key=lambda scored: scored.index)
 
 
