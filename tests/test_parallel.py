@@ -1,11 +1,13 @@
 """Several processes (``--devices 2`` on the CPU: Lightning's ddp over gloo) write what one
-process writes: the same feature-cache shards, byte for byte, and resume an interrupted run."""
+process writes: the same feature-cache shards, byte for byte, and resume an interrupted run;
+a failure in the main process ends them all."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +23,72 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _python(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh interpreter, in its own session, until every process holding
+    its output (Lightning's second process too) has ended; all of them killed and an
+    AssertionError after ``timeout`` s."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s: {out!r} {err!r}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _run_two_processes(args: list[str]) -> str:
     """``stego ARGS --devices 2 --accelerator cpu`` in a fresh interpreter; its output."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "stego.cli", *args, "--devices", "2", "--accelerator", "cpu"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{exc}: {exc.stdout!r} {exc.stderr!r}") from None
+    done = _python(["-m", "stego.cli", *args, "--devices", "2", "--accelerator", "cpu"])
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+# run as a script (Lightning starts the second process by rerunning it): a job that fails in
+# the main process; each process writes what it raised to rank<R>.txt before raising it
+_FAILING_MAIN = """
+import sys
+from pathlib import Path
+
+from stego.parallel import launch
+
+out = Path(sys.argv[1])
+group = launch(devices=2, accelerator="cpu")
+
+
+def job():
+    (out / f"ran-{group.rank}").touch()
+    raise RuntimeError("disk full while writing the model")
+
+
+try:
+    group.on_main(job)
+except Exception as exc:
+    (out / f"rank{group.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    raise
+(out / f"rank{group.rank}.txt").write_text("returned")
+"""
+
+
+def test_a_failure_on_the_main_process_ends_both_processes(tmp_path: Path) -> None:
+    """``ProcessGroup.on_main``: the job fails in rank 0; rank 0 raises its own exception, rank
+    1 (which never runs the job) a StegoError naming it, and neither waits for the other."""
+    script = tmp_path / "failing_main.py"
+    script.write_text(_FAILING_MAIN)
+
+    done = _python([str(script), str(tmp_path)], timeout=120)
+
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-0"]  # the main one only
+    said = {r: (tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert said[0] == "RuntimeError: disk full while writing the model"
+    assert said[1] == (
+        "StegoError: the main process (rank 0) failed: "
+        "RuntimeError: disk full while writing the model"
+    )
 
 
 @pytest.fixture()
