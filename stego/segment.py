@@ -56,6 +56,9 @@ CODE_DIM = 32  # better than 70 and 128 on CamVid at this many steps (docs/bench
 # With labels (`--labels`), clusters found before naming when --clusters is not given: naming
 # works best with more clusters than classes (docs/benchmarks.md, "Naming clusters").
 NAMED_CLUSTERS = 44
+# Images suggested for labelling in summary.json (stego.naming.suggest): one labelled image
+# named the clusters of held-out CamVid sequences best when chosen this way.
+LABEL_FIRST = 5
 
 
 def default_out_dir(input_dir: str | Path) -> Path:
@@ -157,6 +160,31 @@ def _contact_sheet(
     return None if sheet is None else save_png(sheet, out / "contact_sheet.png")
 
 
+def _cluster_maps(
+    out: Path, images: list[tuple[Path, Path]], clusters: int
+) -> tuple[list[Path], np.ndarray]:
+    """The images whose cluster map was written (skipped ones have none) and the (images,
+    clusters) pixels of each cluster in those maps."""
+    from stego.naming.suggest import id_histograms
+
+    named = (out / "clusters").is_dir()  # named: labels/ hold class ids, clusters/ cluster ids
+    folder = out / ("clusters" if named else "labels")
+    found = [(source, folder / rel) for source, rel in images if (folder / rel).is_file()]
+    return [source for source, _ in found], id_histograms([m for _, m in found], clusters)
+
+
+def _images_to_label(
+    input_dir: Path, sources: list[Path], counts: np.ndarray, labelled: set[Path]
+) -> list[str]:
+    """Up to ``LABEL_FIRST`` images (paths relative to ``input_dir``) worth labelling next
+    (:func:`stego.naming.suggest.images_to_label`), leaving out the ``labelled`` sources."""
+    from stego.naming.suggest import images_to_label
+
+    skip = [i for i, source in enumerate(sources) if source in labelled]
+    picks = images_to_label(counts, LABEL_FIRST, skip=skip)
+    return [str(sources[i].relative_to(input_dir)) for i in picks]
+
+
 def _id_counts(folder: Path, n: int) -> np.ndarray:
     """(n,) pixels of each id in the id PNGs under ``folder``."""
     from PIL import Image
@@ -168,11 +196,11 @@ def _id_counts(folder: Path, n: int) -> np.ndarray:
     return counts
 
 
-def _cluster_sizes(out: Path, clusters: int) -> list[float]:
-    named = (out / "clusters").is_dir()  # named: labels/ hold class ids, clusters/ cluster ids
-    counts = _id_counts(out / ("clusters" if named else "labels"), clusters)
-    total = max(int(counts.sum()), 1)
-    return [round(float(c) / total, 4) for c in counts]
+def _cluster_sizes(counts: np.ndarray) -> list[float]:
+    """Each cluster's share of all pixels, from (images, clusters) pixel counts."""
+    total_per_cluster = counts.sum(0)
+    total = max(int(total_per_cluster.sum()), 1)
+    return [round(float(c) / total, 4) for c in total_per_cluster]
 
 
 def segment_folder(
@@ -221,7 +249,9 @@ def segment_folder(
 
     Writes ``labels/`` and ``overlays/`` (same relative paths as the inputs, ``.png``),
     ``model/`` (loadable by ``stego predict`` / :func:`stego.load`), ``contact_sheet.png`` and
-    ``summary.json``. Returns the summary.
+    ``summary.json`` (with ``images_to_label``: the images worth labelling first to name the
+    clusters, :mod:`stego.naming.suggest`, leaving out those already labelled). Returns the
+    summary.
     """
     from stego.config import StegoConfig
     from stego.infer.predict import collect_images, predict_paths
@@ -241,10 +271,12 @@ def segment_folder(
     if len(images) < 2:
         raise StegoError(f"{input_dir} holds {len(images)} image(s); STEGO needs at least 2")
     weights = str(Path(weights).expanduser().resolve()) if weights is not None else None
+    labelled: set[Path] = set()  # sources of the labelled images
     if labels is not None:  # bad labels fail now, not after the training
         from stego.naming.labels import check_labels
 
-        check_labels(labels, images)
+        label_set = check_labels(labels, images)
+        labelled = {source for source, rel in images if rel in label_set.files}
         _refuse_other_naming(out, naming)
     if backbone is None:
         backbone, default_layer = default_backbone(weights)
@@ -346,13 +378,15 @@ def segment_folder(
             (n, c) for n, c, k in zip(classes.names, classes.colors, class_counts, strict=True) if k
         ]
     sheet = _contact_sheet(out, entries)
+    sources, cluster_counts = _cluster_maps(out, images, clusters)
     summary = {
         "input": str(input_dir),
         "n_images": len(images),
         "n_training_views": n_items,
         "settings": asdict(s),
         "backbone": backbone_note(s.backbone, s.weights),
-        "cluster_pixel_fraction": _cluster_sizes(out, clusters),
+        "cluster_pixel_fraction": _cluster_sizes(cluster_counts),
+        "images_to_label": _images_to_label(input_dir, sources, cluster_counts, labelled),
         "skipped": [str(p) for p, _ in result.skipped],
         "warnings": warnings,
         "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -99,6 +99,9 @@ def test_segment_with_labels_predicts_every_image_with_the_classifier(by_classif
     assert summary["naming"]["method"] == "classifier" and summary["classes"] == cmap.names
     assert abs(sum(summary["class_pixel_fraction"].values()) - 1) < 1e-3
     assert len(summary["cluster_pixel_fraction"]) == 3
+    # the two labelled images (img0, nested/img1) are not suggested again
+    assert len(summary["images_to_label"]) == 2
+    assert not {Path(p).stem for p in summary["images_to_label"]} & {"img0", "img1"}
     rels = _rels(out / "labels")
     assert len(rels) == 4 and rels == _rels(out / "clusters") == _rels(out / "overlays")
     for rel in rels:

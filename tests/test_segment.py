@@ -81,6 +81,9 @@ def test_segment_writes_labels_at_image_size(segmented: tuple[Path, Path, dict])
     saved = json.loads((out / "summary.json").read_text())
     assert saved["n_images"] == 4 and saved["n_training_views"] == 20  # five-crop on
     assert abs(sum(saved["cluster_pixel_fraction"]) - 1) < 1e-3
+    # every image is worth labelling once, none twice, named relative to the input folder
+    suggested = saved["images_to_label"]
+    assert sorted(suggested) == sorted(str(p.relative_to(images)) for p in sources)
     assert set(saved["settings"]["shifts"]) == {"self", "knn", "random"}
     assert isinstance(saved["warnings"], list) and "tiny-vit" in saved["backbone"]
 
@@ -291,8 +294,13 @@ def test_large_photos_are_predicted_at_twice_the_training_scale(tmp_path: Path) 
 
     _write_images(tmp_path / "imgs", n=2, size=(200, 150))
     summary = segment_folder(
-        tmp_path / "imgs", tmp_path / "out", clusters=2, backbone="tiny-vit", steps=2,
-        resolution=32, progress=False,
+        tmp_path / "imgs",
+        tmp_path / "out",
+        clusters=2,
+        backbone="tiny-vit",
+        steps=2,
+        resolution=32,
+        progress=False,
     )
     assert summary["settings"]["predict_side"] == 64
     model = stego.load(tmp_path / "out" / "model")

@@ -162,5 +162,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  overlays:      {out['overlays']}")
     print(f"  contact sheet: {out['contact_sheet']}")
     print(f"  model:         {out['model']}  (stego predict --checkpoint {out['model']} ...)")
+    if summary.get("images_to_label"):  # label these first to name the clusters (--labels)
+        print(f"  label next:    {', '.join(summary['images_to_label'])}")
     print(f"  {summary['backbone']}")
     return 0
