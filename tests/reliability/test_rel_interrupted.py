@@ -56,7 +56,7 @@ def _same_cache(a: Path, b: Path) -> None:
 def test_five_crop_killed_then_rerun_equals_uninterrupted(tmp_path, helpers) -> None:
     from stego.data import write_five_crops
 
-    images = helpers.write_folder(tmp_path / "img", 150, size=(48, 48))
+    images = helpers.write_folder(tmp_path / "img", 400, size=(48, 48))
     out = tmp_path / "crops"
     journal = out / "folder_five_crop_0.5" / "all.progress.jsonl"
     proc = helpers.spawn(_cli("crop", "--dataset", "folder", "--split", "all", "--data-root",
