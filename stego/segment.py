@@ -187,13 +187,9 @@ def _images_to_label(
 
 def _id_counts(folder: Path, n: int) -> np.ndarray:
     """(n,) pixels of each id in the id PNGs under ``folder``."""
-    from PIL import Image
+    from stego.naming.suggest import id_histograms
 
-    counts = np.zeros(n, dtype=np.int64)
-    for path in folder.rglob("*.png"):
-        with Image.open(path) as im:
-            counts += np.bincount(np.asarray(im).ravel(), minlength=n)[:n]
-    return counts
+    return id_histograms(sorted(folder.rglob("*.png")), n).sum(0)
 
 
 def _cluster_sizes(counts: np.ndarray) -> list[float]:
