@@ -230,3 +230,26 @@ def test_two_processes_segment_a_folder_to_one_process_bytes(tmp_path: Path) -> 
     assert (two / "model" / "model.safetensors").read_bytes() == (
         one / "model" / "model.safetensors"
     ).read_bytes()
+
+
+def test_thread_map_keeps_the_order_and_a_failure_stops_what_has_not_started() -> None:
+    import time
+
+    from stego.parallel import thread_map
+
+    def slow_first(i: int) -> int:
+        time.sleep(0.02 if i % 2 == 0 else 0)  # later items finish first
+        return i * i
+
+    assert list(thread_map(slow_first, range(20), workers=3)) == [i * i for i in range(20)]
+    started: list[int] = []
+
+    def failing(i: int) -> int:
+        started.append(i)
+        if i == 2:
+            raise ValueError("image 2 is broken")
+        return i
+
+    with pytest.raises(ValueError, match="image 2"):
+        list(thread_map(failing, range(1000), workers=2))
+    assert len(started) < 20  # at most two items a thread ahead were submitted

@@ -20,9 +20,6 @@ import contextlib
 import io
 import json
 import os
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -43,6 +40,7 @@ from stego.data.cropped import (
 )
 from stego.data.label_maps import IGNORE
 from stego.errors import StegoError
+from stego.parallel import thread_map
 
 __all__ = ["CropBox", "FiveCropResult", "five_crop_boxes", "write_five_crops"]
 
@@ -220,7 +218,10 @@ def write_five_crops(
         )
         with bar, open(journal, "a") as log:
             todo = [g for g in range(len(sources)) if g not in done]
-            for group, record in _crop_in_threads(dataset, todo, folder, split, fmt):
+            # threads: Pillow releases the GIL while it decodes and encodes, the bulk of the work
+            workers = min(8, os.cpu_count() or 1)
+            records = thread_map(lambda g: _crop_one(dataset, g, folder, split, fmt), todo, workers)
+            for group, record in zip(todo, records, strict=True):
                 done[group] = record
                 log.write(json.dumps(done[group]) + "\n")
                 log.flush()
@@ -250,28 +251,6 @@ def _digest(sources: list[str]) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
-
-
-def _crop_in_threads(
-    dataset: Any, groups: list[int], folder: Path, split: str, fmt: str
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(group, journal record) of :func:`_crop_one` for ``groups``, in order, cut by a few
-    threads (Pillow releases the GIL while it decodes and encodes, the bulk of the work), at
-    most two images a thread ahead; an error or an interruption cancels what has not started."""
-    workers = max(1, min(8, os.cpu_count() or 1))
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="five-crop")
-    pending: deque[tuple[int, Future[dict[str, Any]]]] = deque()
-    try:
-        for group in groups:
-            pending.append((group, pool.submit(_crop_one, dataset, group, folder, split, fmt)))
-            if len(pending) >= 2 * workers:
-                ready, future = pending.popleft()
-                yield ready, future.result()
-        while pending:
-            ready, future = pending.popleft()
-            yield ready, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _crop_one(dataset: Any, group: int, folder: Path, split: str, fmt: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from PIL import Image
 from stego.atomic import atomic_write
 from stego.errors import StegoError
 from stego.models.class_map import ClassMap, write_class_map
+from stego.parallel import thread_map
 
 __all__ = ["ResultsLayout", "named_summary", "render_results"]
 
@@ -125,19 +125,15 @@ def _render_all(layout: ResultsLayout, class_map: ClassMap, stage: Path, progres
     colours = np.asarray(class_map.colors, dtype=np.uint8).reshape(-1, 3)
     counts = np.zeros(class_map.n_classes, dtype=np.int64)
     # threads: PNG decoding and encoding (zlib) and numpy release the GIL, so every core works
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        jobs = [
-            pool.submit(_render_one, layout, rel, class_map, stage, colours) for rel in layout.rels
-        ]
-        for i, job in enumerate(jobs):
-            try:
-                counts += job.result()  # re-raises a failed image's error
-            except BaseException:
-                for other in jobs:
-                    other.cancel()  # no need to render the rest
-                raise
-            if progress:
-                print(f"\rname: {i + 1}/{len(jobs)} images", end="", file=sys.stderr, flush=True)
+    rendered = thread_map(
+        lambda rel: _render_one(layout, rel, class_map, stage, colours),
+        layout.rels,
+        os.cpu_count() or 1,
+    )
+    for i, shown in enumerate(rendered):  # a failed image's error is raised here
+        counts += shown
+        if progress:
+            print(f"\rname: {i + 1}/{len(layout.rels)} images", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     legend = [
